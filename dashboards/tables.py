@@ -1,0 +1,48 @@
+"""Render a study's results DataFrame as a paper-style table (Markdown or CSV)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+# Column headings as the paper writes them.
+HEADINGS = {
+    "name": "Architecture",
+    "seed": "Seed",
+    "status": "Status",
+    "epoch": "Epochs",
+    "params_total_m": "#Params (M)",
+    "params_active_m": "Active #Params (M)",
+    "val_top1": "Top-1 (%)",
+    "val_top5": "Top-5 (%)",
+    "val_loss": "Val loss",
+    "train_loss": "Train loss",
+    "images_per_s": "Images/s",
+    "dropped_fraction": "Dropped tokens",
+    "expert_load_cv": "Expert load CV",
+}
+
+
+def table_frame(results: pd.DataFrame, metrics: list[str], show_seed: bool) -> pd.DataFrame:
+    """The displayed columns, renamed, numbers formatted."""
+    columns = ["name", *(["seed"] if show_seed else []), "params_total_m", "params_active_m", *metrics, "status"]
+    shown = results[columns].copy()
+    for column in ("params_total_m", "params_active_m"):
+        shown[column] = shown[column].map(lambda v: _number(v, 2))
+    for metric in metrics:
+        shown[metric] = shown[metric].map(lambda v: _number(v, 0 if metric == "images_per_s" else 2))
+    return shown.rename(columns={c: HEADINGS.get(c, c) for c in columns})
+
+
+def to_markdown(results: pd.DataFrame, metrics: list[str]) -> str:
+    shown = table_frame(results, metrics, show_seed=results["seed"].nunique() > 1)
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def to_csv(results: pd.DataFrame) -> str:
+    return results.to_csv(index=False)
+
+
+def _number(value: float, digits: int) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"

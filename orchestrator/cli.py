@@ -1,0 +1,238 @@
+"""``sweetspot``: validate, plan, run and tabulate MoE ablation studies.
+
+Exit codes: 0 success, 1 a study ran but some trial failed (or there is nothing to
+tabulate), 2 bad input (the study file, an option, or resources that can never fit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+# Tune's new console output ignores verbose=0; sweetspot prints its own progress instead.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from orchestrator.expand import Trial, expand  # noqa: E402
+from orchestrator.source import StudyError  # noqa: E402
+from orchestrator.spec import StudySpec, load_study  # noqa: E402
+
+app = typer.Typer(
+    name="sweetspot",
+    help="Declarative ablation studies for Mixture-of-Experts vision models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StudyPath = Annotated[Path, typer.Argument(help="The study YAML.", show_default=False)]
+
+
+class PlanFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class TableFormat(str, Enum):
+    md = "md"
+    csv = "csv"
+
+
+def _load(path: Path) -> tuple[StudySpec, list[Trial]]:
+    """The study and its trials, or exit 2 with one located line per problem."""
+    try:
+        spec, source = load_study(path)
+        return spec, expand(spec, source)
+    except StudyError as error:
+        for problem in error.problems:
+            err.print("[red]error[/red] ", end="")
+            err.print(str(problem), markup=False)
+        noun = "problem" if len(error.problems) == 1 else "problems"
+        err.print(f"{path}: {len(error.problems)} {noun}; nothing was run.", markup=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(study: StudyPath) -> None:
+    """Check a study file: schema, axes and every expanded trial. Exit 2 on any problem."""
+    spec, trials = _load(study)
+    configs = len({t.name for t in trials})
+    out.print(f"[green]ok[/green] {study}: study '{spec.name}', {len(trials)} trials ({configs} configurations × seeds)")
+
+
+@app.command()
+def plan(
+    study: StudyPath,
+    format: Annotated[PlanFormat, typer.Option("--format", "-f", help="Output format.")] = PlanFormat.table,
+) -> None:
+    """List the trials a study expands to (name, hash, axes, parameter counts) without running them."""
+    from trainer.data import input_spec
+    from trainer.models.accounting import count_params
+
+    spec, trials = _load(study)
+    rows = []
+    for trial in trials:
+        size = count_params(trial.config.model, input_spec(trial.config.data))
+        rows.append(
+            {
+                "name": trial.name,
+                "seed": trial.seed,
+                "hash": trial.hash,
+                "params_total": size.total,
+                "params_active": size.active,
+                "axes": trial.axes,
+                "trial": trial.config.model_dump(mode="json"),
+            }
+        )
+    if format is PlanFormat.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if format is PlanFormat.csv:
+        import pandas as pd
+
+        flat = [{k: v for k, v in row.items() if k not in ("axes", "trial")} | row["axes"] for row in rows]
+        sys.stdout.write(pd.DataFrame(flat).to_csv(index=False))
+        return
+    table = Table(title=f"{spec.name}: {len(trials)} trials", title_justify="left")
+    for heading in ("#", "Architecture", "Seed", "Hash", "#Params (M)", "Active (M)"):
+        numeric = heading in ("#", "Seed", "#Params (M)", "Active (M)")
+        table.add_column(heading, justify="right" if numeric else "left", no_wrap=True)
+    table.add_column("Axes", overflow="fold")
+    for index, row in enumerate(rows):
+        axes = ", ".join(f"{k}={v}" for k, v in row["axes"].items() if v is not None)
+        table.add_row(
+            str(index), row["name"], str(row["seed"]), row["hash"][:12],
+            f"{row['params_total'] / 1e6:.2f}", f"{row['params_active'] / 1e6:.2f}", axes,
+        )
+    out.print(table)
+
+
+@app.command()
+def run(
+    study: StudyPath,
+    address: Annotated[
+        str | None, typer.Option(help="Join a Ray cluster ('auto' or ray://host:port); default: start a local Ray.")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI; default: the study's sqlite store.")
+    ] = None,
+    dashboard: Annotated[bool, typer.Option(help="Start the Ray dashboard with the local Ray.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
+) -> None:
+    """Run every trial of the study that is not FINISHED yet, then print the result table."""
+    from orchestrator.launch import ResourceError, run_study
+    from orchestrator.tracking import StudyStore
+
+    spec, trials = _load(study)
+    if not verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        if not dashboard:
+            # Token auth only matters to the dashboard, which this local Ray does not start.
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    store = StudyStore.open(spec, tracking_uri)
+    uri = tracking_uri or spec.tracking_uri
+    out.print(f"[bold]{spec.name}[/bold]: {len(trials)} trials · results in {spec.output_dir}")
+    out.print(f"MLflow: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"MLflow: {uri}")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
+    started = time.monotonic()
+    try:
+        outcome = run_study(spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
+                            on_event=_progress(len(trials)))
+    except ResourceError as error:
+        err.print(f"[red]error[/red] {study}: resources: {error}")
+        raise typer.Exit(2) from None
+    elapsed = time.monotonic() - started
+    if outcome.skipped:
+        out.print(f"{len(outcome.skipped)} trials already FINISHED in MLflow: skipped.")
+    out.print(
+        f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, "
+        f"{len(outcome.incomplete)} incomplete in {elapsed:.0f} s."
+    )
+    _print_table(spec, trials, store)
+    by_hash = {t.hash: t for t in trials}
+    for trial_hash, error in outcome.failed.items():
+        last_line = next((line for line in reversed(error.strip().splitlines()) if line.strip()), error)
+        err.print(f"[red]failed[/red] {by_hash[trial_hash].name} seed {by_hash[trial_hash].seed}: {last_line}")
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def table(
+    study: StudyPath,
+    format: Annotated[TableFormat, typer.Option("--format", "-f", help="Output format.")] = TableFormat.md,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """Print the study's result table from MLflow (one row per trial, in study order)."""
+    from dashboards.tables import to_csv, to_markdown
+    from orchestrator.results import collect
+    from orchestrator.tracking import StudyStore
+
+    spec, trials = _load(study)
+    if not _store_exists(spec, tracking_uri):
+        err.print(f"no results for study '{spec.name}' yet: run `sweetspot run {study}` first.")
+        raise typer.Exit(1)
+    store = StudyStore.open(spec, tracking_uri, create=False)
+    results = collect(trials, store, spec.table.metrics)
+    text = to_markdown(results, spec.table.metrics) + "\n" if format is TableFormat.md else to_csv(results)
+    if output:
+        output.write_text(text)
+        out.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+def _store_exists(spec: StudySpec, tracking_uri: str | None) -> bool:
+    uri = tracking_uri or spec.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri).get_experiment_by_name(spec.experiment_name) is not None
+
+
+def _print_table(spec: StudySpec, trials: list[Trial], store: Any) -> None:
+    from dashboards.tables import to_markdown
+    from orchestrator.results import collect
+
+    # Plain stdout: a Markdown table must not be re-wrapped to the terminal width.
+    sys.stdout.write("\n" + to_markdown(collect(trials, store, spec.table.metrics), spec.table.metrics) + "\n")
+
+
+def _progress(total: int) -> Any:
+    done = {"count": 0}
+
+    def on_event(event: str, trial: Trial, details: dict[str, Any]) -> None:
+        label = f"{trial.name} · seed {trial.seed}"
+        if event == "start":
+            out.print(f"[cyan]▶[/cyan] {label}")
+        elif event == "epoch":
+            shown = "  ".join(
+                f"{key} {details[key]:.3g}" for key in ("train_loss", "val_top1", "images_per_s") if key in details
+            )
+            out.print(f"  {label}  epoch {details['epoch']}/{details.get('epochs_total', '?')}  {shown}")
+        elif event == "finished":
+            done["count"] += 1
+            out.print(f"[green]✔[/green] {label} ({done['count']}/{total})")
+        elif event == "failed":
+            done["count"] += 1
+            out.print(f"[red]✘[/red] {label}: failed ({done['count']}/{total})")
+
+    return on_event
+
+
+if __name__ == "__main__":
+    app()

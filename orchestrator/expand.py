@@ -1,0 +1,208 @@
+"""Study → trials: cases × grid × seeds, minus exclusions, deduplicated by trial hash.
+
+Every resolved trial is validated as a :class:`~trainer.config.TrialConfig`; an
+invalid combination is reported at the YAML value that produced it (a grid value,
+a case entry, or the base field).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.source import PathKey, Problem, Source, StudyError
+from orchestrator.spec import StudySpec, axis_label, problem_from_error, resolve_axis
+from trainer.config import TrialConfig
+from trainer.models.registry import BACKBONES
+
+# The axes a paper-style name already spells out; other varied axes are appended.
+_NAMED_AXES = {
+    ("model", "backbone"),
+    ("model", "placement"),
+    ("model", "moe", "experts"),
+    ("model", "moe", "top_k"),
+}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One fully resolved configuration × one seed.
+
+    Attributes:
+        index: position in study order (tables list trials in this order).
+        config: the validated trial config.
+        name: paper-style name of the configuration, the same for every seed.
+        axes: label → value of every axis the study sets (``None`` for MoE axes of a dense trial).
+    """
+
+    index: int
+    config: TrialConfig
+    name: str
+    axes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return self.config.trial_hash
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash[:12]
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+@dataclass(frozen=True)
+class _Override:
+    path: tuple[str, ...]
+    value: Any
+    origin: tuple[PathKey, ...]  # where in the YAML it was written
+
+
+def expand(spec: StudySpec, source: Source) -> list[Trial]:
+    """All trials of the study, in study order.
+
+    Raises:
+        StudyError: a combination does not validate (located at the value that caused it),
+            a case and the grid set the same axis, or nothing is left to run.
+    """
+    grid = [(axis, resolve_axis(axis), values) for axis, values in spec.grid.items()]
+    cases = spec.cases or [{}]
+    base = spec.base.model_dump(mode="python")
+    axis_paths = [path for _, path, _ in grid]
+    for case in cases:
+        axis_paths += [resolve_axis(axis) for axis in case if resolve_axis(axis) not in axis_paths]
+
+    problems: dict[str, Problem] = {}
+    configs: dict[str, TrialConfig] = {}
+    for case_index, case in enumerate(cases):
+        case_overrides = [
+            _Override(resolve_axis(axis), value, ("cases", case_index, axis)) for axis, value in case.items()
+        ]
+        clash = {o.path for o in case_overrides} & {path for _, path, _ in grid}
+        for override in case_overrides:
+            if override.path in clash:
+                problem = source.problem(override.origin, "this axis is also a grid axis; set it in one place")
+                problems[str(problem)] = problem
+        for choice in itertools.product(*(range(len(values)) for _, _, values in grid)):
+            overrides = case_overrides + [
+                _Override(path, values[i], ("grid", axis, i)) for (axis, path, values), i in zip(grid, choice)
+            ]
+            for seed in spec.seeds:
+                data = copy.deepcopy(base)
+                for override in overrides:
+                    _set(data, override.path, override.value)
+                data["seed"] = seed
+                if any(_matches(rule, data) for rule in spec.exclude):
+                    continue
+                try:
+                    config = TrialConfig.model_validate(data)
+                except ValidationError as error:
+                    for err in error.errors():
+                        problem = _locate(source, err, overrides, spec)
+                        problems.setdefault(str(problem), problem)
+                    continue
+                configs.setdefault(config.trial_hash, config)  # dense duplicates collapse here
+    if problems:
+        raise StudyError(list(problems.values()))
+    if not configs:
+        raise StudyError([source.problem(("exclude",), "the study expands to zero trials")])
+
+    varied = _varied_axes(list(configs.values()), axis_paths)
+    return [
+        Trial(
+            index=index,
+            config=config,
+            name=trial_name(config, varied),
+            axes={axis_label(path): _get(config.canonical(), path) for path in axis_paths},
+        )
+        for index, config in enumerate(configs.values())
+    ]
+
+
+def trial_name(config: TrialConfig, varied: list[tuple[str, ...]] = ()) -> str:
+    """Paper-style name: "ViT-S-8 Every 2 Top 2", "ConvNeXt-T", "ConvNeXt-S-8 (iso.) Last 2 Top 1".
+
+    Axes in ``varied`` that the name does not spell out are appended (``, mlp_ratio=2``) so that
+    distinct configurations of one study never share a name.
+    """
+    model = config.model
+    backbone = BACKBONES[model.backbone]
+    parts = [backbone.display]
+    if not model.is_dense:
+        parts[0] += f"-{model.moe.experts}"
+    if backbone.family == "convnext_iso":
+        parts.append("(iso.)")
+    if not model.is_dense:
+        parts += [placement_label(model.placement), f"Top {model.moe.top_k}"]
+    name = " ".join(parts)
+    canonical = config.canonical()
+    extras = []
+    for path in varied:
+        value = _get(canonical, path)
+        if path not in _NAMED_AXES and value is not None:
+            extras.append(f"{axis_label(path)}={_format(value)}")
+    return ", ".join([name, *extras])
+
+
+def placement_label(placement: str | list[int]) -> str:
+    if isinstance(placement, list):
+        return "Blocks " + ",".join(str(i) for i in placement)
+    if placement.startswith("last:"):
+        return f"Last {placement.split(':', 1)[1]} blocks"
+    return {"every2": "Every 2", "last2": "Last 2", "last3": "Last 3", "stage": "Stage"}.get(
+        placement, placement
+    )
+
+
+def _varied_axes(configs: list[TrialConfig], paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    canonical = [c.canonical() for c in configs]
+    return [p for p in paths if len({repr(_get(c, p)) for c in canonical if _get(c, p) is not None}) > 1]
+
+
+def _locate(source: Source, err: Any, overrides: list[_Override], spec: StudySpec) -> Problem:
+    """Point an error at the override that set the failing field, else at ``base``."""
+    loc = tuple(str(k) for k in err["loc"] if isinstance(k, str))
+    for override in reversed(overrides):
+        inside = override.path[: len(loc)] == loc or loc[: len(override.path)] == override.path
+        if inside:
+            problem = problem_from_error(source, {**err, "loc": ()}, override.origin)
+            combo = ", ".join(
+                f"{axis_label(o.path)}={_format(o.value)}" for o in overrides if o.origin[0] == "grid"
+            )
+            hint = f" (in the combination {combo}; an 'exclude' rule can skip it)" if combo else ""
+            return Problem(problem.file, problem.line, problem.column, problem.field, problem.reason + hint)
+    return problem_from_error(source, err, ("base",))
+
+
+def _matches(rule: dict[str, Any], data: dict[str, Any]) -> bool:
+    for axis, wanted in rule.items():
+        value = _get(data, resolve_axis(axis))
+        if not (value == wanted or (isinstance(wanted, list) and value in wanted)):
+            return False
+    return True
+
+
+def _get(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        data = data.setdefault(key, {})
+    data[path[-1]] = copy.deepcopy(value)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

@@ -1,0 +1,241 @@
+"""The study file's schema (Pydantic, strict) and its axes.
+
+A study is a ``base`` :class:`~trainer.config.TrialConfig`, a ``grid`` of axes to
+cross, optional ``cases`` (each crossed with the grid), ``exclude`` rules, seeds,
+and how to run and track it. An axis is any field of the trial config, named by
+its dotted path (``model.moe.experts``) or, when unambiguous, by its last part
+(``experts``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.source import PathKey, Problem, Source, StudyError, load
+from trainer.config import TrialConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ResourcesSpec(_Strict):
+    """How each trial runs on the Ray cluster.
+
+    Attributes:
+        workers: Ray Train workers (DDP ranks) per trial.
+        cpus_per_worker: logical CPUs reserved per worker (fractions allowed).
+        gpus_per_worker: GPUs per worker; 0 trains on CPU with gloo.
+        max_concurrent_trials: trials running at once; default: as many as the cluster fits.
+    """
+
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @field_validator("cpus_per_worker", "gpus_per_worker", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class TrackingSpec(_Strict):
+    """Where results go.
+
+    Attributes:
+        uri: MLflow tracking URI; default ``sqlite:///<output>/mlflow.db``.
+        experiment: MLflow experiment name; default: the study name.
+    """
+
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class TableSpec(_Strict):
+    """What ``sweetspot table`` shows besides the trial name and parameter counts.
+
+    Attributes:
+        metrics: final-epoch metrics, one column each.
+    """
+
+    metrics: list[str] = Field(default_factory=lambda: ["val_top1"], min_length=1)
+
+
+class StudySpec(_Strict):
+    """One study file.
+
+    Attributes:
+        name: identifies the study (MLflow experiment, Ray Tune experiment, output folder).
+        description: free text, shown in reports.
+        base: the trial config every trial starts from.
+        grid: axis → values; trials are the cartesian product.
+        cases: explicit override sets, each crossed with the grid (default: one empty case).
+        exclude: drop trials whose axes match every entry of a rule (a value or a list of values).
+        seeds: one trial per configuration and seed.
+        resources: workers and devices per trial, concurrency.
+        tracking: MLflow location.
+        output: folder for the tracking store, Ray results and checkpoints; default ``runs/<name>``.
+        table: the result table's columns.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    description: str = ""
+    base: TrialConfig = TrialConfig()
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    cases: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    output: str | None = None
+    table: TableSpec = TableSpec()
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output if self.output is not None else f"runs/{self.name}").resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.output_dir / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Axes
+
+
+@cache
+def axis_paths() -> dict[str, tuple[str, ...]]:
+    """Every field of the trial config, leaves and sub-models, by dotted path."""
+    paths: dict[str, tuple[str, ...]] = {}
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, field in model.model_fields.items():
+            path = (*prefix, name)
+            paths[".".join(path)] = path
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, path)
+
+    walk(TrialConfig, ())
+    return paths
+
+
+@cache
+def _short_names() -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for dotted_path, path in axis_paths().items():
+        names.setdefault(path[-1], []).append(dotted_path)
+    return names
+
+
+def resolve_axis(name: str) -> tuple[str, ...]:
+    """``experts`` → ``("model", "moe", "experts")``; a clear ValueError for unknown or ambiguous names."""
+    if name == "seed":
+        raise ValueError("seeds are not a grid axis; list them under 'seeds:'")
+    if name in axis_paths():
+        return axis_paths()[name]
+    candidates = _short_names().get(name, [])
+    if len(candidates) == 1:
+        return axis_paths()[candidates[0]]
+    if candidates:
+        raise ValueError(f"axis {name!r} is ambiguous; use one of: {', '.join(sorted(candidates))}")
+    known = [n for n, c in _short_names().items() if len(c) == 1] + list(axis_paths())
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown axis {name!r}{hint}")
+
+
+def axis_label(path: tuple[str, ...]) -> str:
+    """The shortest unambiguous name of an axis, for tables and trial names."""
+    return path[-1] if len(_short_names()[path[-1]]) == 1 else ".".join(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_study(path: Path) -> tuple[StudySpec, Source]:
+    """Load and validate a study file's structure; every problem is located in the file.
+
+    Raises:
+        StudyError: with one :class:`Problem` per error (file, line, field, reason).
+    """
+    source = load(path)
+    try:
+        spec = StudySpec.model_validate(source.data)
+    except ValidationError as error:
+        raise StudyError([problem_from_error(source, err, ()) for err in error.errors()]) from None
+    problems = _check_axes(spec, source)
+    if problems:
+        raise StudyError(problems)
+    return spec, source
+
+
+def problem_from_error(source: Source, err: Any, prefix: tuple[PathKey, ...]) -> Problem:
+    """A Pydantic error (one entry of ``errors()``) as a located, one-line Problem."""
+    loc = (*prefix, *err["loc"])
+    kind, message = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        message = f"unknown field {loc[-1]!r}" + _did_you_mean(source, loc)
+    elif kind == "missing":
+        message = "required field is missing"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    elif "input_value" not in message and "input" in err and not isinstance(err["input"], dict | list):
+        message = f"{message} (got {err['input']!r})"
+    return source.problem(loc, message)
+
+
+def _did_you_mean(source: Source, loc: tuple[PathKey, ...]) -> str:
+    model: Any = StudySpec
+    for key in loc[:-1]:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_axes(spec: StudySpec, source: Source) -> list[Problem]:
+    problems: list[Problem] = []
+    resolved: dict[tuple[str, ...], str] = {}
+    for axis, values in spec.grid.items():
+        try:
+            path = resolve_axis(axis)
+        except ValueError as error:
+            problems.append(source.problem(("grid", axis), str(error)))
+            continue
+        if path in resolved:
+            problems.append(source.problem(("grid", axis), f"same axis as {resolved[path]!r}"))
+        resolved[path] = axis
+        if not values:
+            problems.append(source.problem(("grid", axis), "an axis needs at least one value"))
+        seen: list[Any] = []
+        for index, value in enumerate(values):
+            if value in seen:
+                problems.append(source.problem(("grid", axis, index), f"duplicate value {value!r}"))
+            seen.append(value)
+    for section in ("cases", "exclude"):
+        for index, entry in enumerate(getattr(spec, section)):
+            if not entry and section == "exclude":
+                problems.append(source.problem((section, index), "an exclude rule needs at least one axis"))
+            for axis in entry:
+                try:
+                    resolve_axis(axis)
+                except ValueError as error:
+                    problems.append(source.problem((section, index, axis), str(error)))
+    if len(set(spec.seeds)) != len(spec.seeds):
+        problems.append(source.problem(("seeds",), f"duplicate seeds in {spec.seeds}"))
+    return problems

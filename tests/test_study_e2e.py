@@ -1,0 +1,82 @@
+"""A 2-trial study through real Ray Tune + Ray Train (2 DDP workers, gloo) + MLflow (sqlite) + table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+
+STUDY = """
+name: e2e
+description: smallest real study
+base:
+  model:
+    backbone: vit_mini
+    moe: {{top_k: 1, capacity_factor: 2.0}}
+  data: {{train_samples: 512}}
+  recipe: {{epochs: 2, batch_size: 64, lr: 0.003}}
+grid:
+  placement: [none, last2]
+  experts: [4]
+resources:
+  workers: 2
+  cpus_per_worker: 0.5
+output: {output}
+table:
+  metrics: [val_top1, dropped_fraction]
+"""
+
+
+@pytest.mark.ray
+def test_study_runs_end_to_end_and_second_run_trains_nothing(local_ray: None, tmp_path: Path) -> None:
+    study = tmp_path / "e2e.yaml"
+    study.write_text(STUDY.format(output=tmp_path / "out"))
+    runner = CliRunner()
+
+    first = runner.invoke(app, ["run", str(study)])
+    assert first.exit_code == 0, first.output
+    assert "2 finished, 0 failed" in first.output
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    study_runs = [r for r in runs if r.data.tags["sweetspot.kind"] == "study"]
+    trial_runs = [r for r in runs if r.data.tags["sweetspot.kind"] == "trial"]
+    assert len(study_runs) == 1 and study_runs[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["sweetspot.trial_name"] for r in trial_runs) == ["ViT-Mini", "ViT-Mini-4 Last 2 Top 1"]
+    for run in trial_runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
+        assert len(run.data.tags["sweetspot.trial_hash"]) == 64
+        assert run.data.params["recipe.epochs"] == "2"
+        history = client.get_metric_history(run.info.run_id, "val_top1")
+        assert sorted(p.step for p in history) == [1, 2]  # one point per epoch, no duplicates
+        assert 0 <= run.data.metrics["val_top1"] <= 100
+        assert run.data.metrics["params_total"] > 0
+    moe_run = next(r for r in trial_runs if r.data.tags["sweetspot.axis.placement"] == "last2")
+    dense_run = next(r for r in trial_runs if r.data.tags["sweetspot.axis.placement"] == "none")
+    assert moe_run.data.params["model.moe.experts"] == "4"
+    assert dense_run.data.params["model.moe"] == "null"  # the dense baseline carries no MoE settings
+    assert 0 <= moe_run.data.metrics["dropped_fraction"] <= 1
+    assert moe_run.data.metrics["params_total"] > moe_run.data.metrics["params_active"]
+    assert dense_run.data.metrics["params_total"] == dense_run.data.metrics["params_active"]
+
+    table = runner.invoke(app, ["table", str(study)])
+    assert table.exit_code == 0, table.output
+    lines = table.output.strip().splitlines()
+    assert lines[0].startswith("| Architecture") and "Top-1 (%)" in lines[0]
+    assert lines[2].startswith("| ViT-Mini ") and lines[3].startswith("| ViT-Mini-4 Last 2 Top 1 ")
+    assert f"{moe_run.data.metrics['val_top1']:.2f}" in lines[3]
+
+    started = time.monotonic()
+    second = runner.invoke(app, ["run", str(study)])
+    assert second.exit_code == 0, second.output
+    assert "2 trials already FINISHED in MLflow: skipped" in second.output
+    assert "0 finished, 0 failed" in second.output
+    assert time.monotonic() - started < 15  # nothing was launched
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs)

@@ -1,0 +1,241 @@
+"""Train and evaluate one trial on this rank.
+
+One code path for Ray Train workers (:func:`worker`, the ``train_loop_per_worker``)
+and standalone runs (``python -m trainer`` / ``torchrun -m trainer``). The process
+group, when there is one, is already initialised by whoever launched us.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from trainer.config import TrialConfig
+from trainer.data import input_spec, load_datasets
+from trainer.models import MoEModel, build_model
+from trainer.report import RayTrainReporter, Reporter
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config["trial"]`` is a ``TrialConfig`` as JSON-able dict."""
+    train(TrialConfig.model_validate(config["trial"]), RayTrainReporter())
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def current(cls) -> _Dist:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        return cls(rank, world, device)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        # float64 so that summed counts of a large validation set stay exact.
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def train(trial: TrialConfig, reporter: Reporter) -> None:
+    """Train ``trial`` for its recipe's epochs, reporting metrics and a checkpoint every epoch.
+
+    Resumes from the reporter's latest checkpoint when there is one, so a restarted
+    trial continues at the next epoch with its optimizer, schedule and RNG state.
+    """
+    env = _Dist.current()
+    recipe = trial.recipe
+    if recipe.batch_size % env.world:
+        raise ValueError(f"batch_size {recipe.batch_size} is not divisible by {env.world} workers")
+    _seed_everything(trial.seed)
+
+    train_set, val_set = load_datasets(trial.data)
+    sampler = DistributedSampler(
+        train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=trial.seed, drop_last=True
+    )
+    # drop_last keeps every rank on the same number of steps, which DDP requires.
+    train_loader = DataLoader(
+        train_set,
+        batch_size=recipe.batch_size // env.world,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=trial.data.num_workers,
+    )
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"batch_size {recipe.batch_size} is larger than the {len(train_set)} training images"
+        )
+    # Strided shards without padding: every validation image is counted exactly once.
+    val_loader = DataLoader(
+        Subset(val_set, range(env.rank, len(val_set), env.world)), batch_size=256, shuffle=False
+    )
+
+    model = build_model(trial.model, input_spec(trial.data), device=env.device)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=recipe.epochs,
+        warmup_epochs=recipe.warmup_epochs,
+        warmup_lr=recipe.lr * 1e-3,
+        step_on_epochs=False,
+        updates_per_epoch=len(train_loader),
+    )
+    start_epoch = _restore(reporter, model, optimizer, scheduler)
+    ddp = DistributedDataParallel(model) if env.world > 1 else model
+
+    for epoch in range(start_epoch, recipe.epochs):
+        sampler.set_epoch(epoch)
+        train_metrics = _train_epoch(ddp, model, train_loader, optimizer, scheduler, trial, epoch, env)
+        val_metrics = evaluate(model, val_loader, env)
+        metrics = {
+            "epoch": epoch + 1,
+            "epochs_total": recipe.epochs,
+            **train_metrics,
+            **val_metrics,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if env.rank == 0:
+                checkpoint = Path(folder)
+                _save(checkpoint, model, optimizer, scheduler, epoch)
+            reporter.report(metrics, checkpoint)
+
+
+def _train_epoch(
+    ddp: torch.nn.Module,
+    model: MoEModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trial: TrialConfig,
+    epoch: int,
+    env: _Dist,
+) -> dict[str, float]:
+    ddp.train()
+    steps_per_epoch = len(loader)
+    loss_sum = aux_sum = dropped_sum = load_cv_sum = 0.0
+    images = 0
+    started = time.perf_counter()
+    for step, (inputs, targets) in enumerate(loader):
+        inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
+            logits = ddp(inputs)
+            task_loss = F.cross_entropy(logits.float(), targets, label_smoothing=trial.recipe.label_smoothing)
+            aux_loss = model.aux_loss()
+            loss = task_loss + aux_loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}: "
+                f"task loss {task_loss.item()}, aux loss {aux_loss.item()}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if trial.recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), trial.recipe.grad_clip)
+        optimizer.step()
+        scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+
+        loss_sum += task_loss.item()
+        aux_sum += aux_loss.item()
+        stats = model.routing_stats()
+        dropped_sum += stats.get("dropped_fraction", 0.0)
+        load_cv_sum += stats.get("expert_load_cv", 0.0)
+        images += inputs.shape[0]
+    elapsed = time.perf_counter() - started
+    totals = env.all_sum([loss_sum, aux_sum, dropped_sum, load_cv_sum, float(images)])
+    # Every rank ran the same number of steps, so the global mean divides by world × steps.
+    denominator = env.world * steps_per_epoch
+    metrics = {
+        "train_loss": totals[0] / denominator,
+        "aux_loss": totals[1] / denominator,
+        "images_per_s": totals[4] / max(elapsed, 1e-9),
+        "epoch_time_s": elapsed,
+    }
+    if not trial.model.is_dense:
+        metrics["dropped_fraction"] = totals[2] / denominator
+        metrics["expert_load_cv"] = totals[3] / denominator
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: MoEModel, loader: DataLoader, env: _Dist) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and loss over the whole split, summed across ranks."""
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(env.device), targets.to(env.device)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
+            logits = model(inputs).float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = ranked.eq(targets[:, None])
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=1).sum().item()
+        count += targets.numel()
+    loss_sum, top1, top5, count = env.all_sum([loss_sum, top1, top5, count])
+    if count == 0:
+        raise ValueError("the validation split is empty")
+    return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save(folder: Path, model: MoEModel, optimizer: Any, scheduler: Any, epoch: int) -> None:
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
+    }
+    torch.save(state, folder / CHECKPOINT_FILE)
+
+
+def _restore(reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any) -> int:
+    """Load the latest checkpoint, if any; returns the first epoch still to train."""
+    with reporter.latest_checkpoint() as folder:
+        if folder is None:
+            return 0
+        state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return int(state["epoch"]) + 1
+

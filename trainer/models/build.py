@@ -1,0 +1,94 @@
+"""Build a model from its config, and the wrapper the training loop talks to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import ModelConfig
+from trainer.models import InputSpec
+from trainer.models.registry import BACKBONES, BackboneSpec
+from trainer.models.vit import build_vit
+from trainer.moe.layer import MoE
+
+_BUILDERS: dict[str, Callable[[ModelConfig, BackboneSpec, InputSpec], nn.Module]] = {"vit": build_vit}
+
+
+class MoEModel(nn.Module):
+    """A backbone with (or, for dense baselines, without) MoE layers.
+
+    The backbone is ``self.backbone``; its MoE layers are found by type, so the
+    loop needs no knowledge of where they sit.
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig) -> None:
+        """
+        Args:
+            backbone: the network, images → logits.
+            cfg: the config it was built from.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def moe_layers(self) -> list[MoE]:
+        return [module for module in self.modules() if isinstance(module, MoE)]
+
+    def aux_loss(self) -> Tensor:
+        """``balance_loss_weight`` × the mean of the last forward's per-layer balance losses."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros((), device=next(self.parameters()).device)
+        losses = [layer.aux_loss for layer in layers]
+        if any(loss is None for loss in losses):
+            raise RuntimeError("aux_loss() needs a forward pass first")
+        return self.cfg.moe.balance_loss_weight * torch.stack(losses).mean()
+
+    def routing_stats(self) -> dict[str, float]:
+        """The last forward's routing, averaged over MoE layers (empty for dense models).
+
+        ``dropped_fraction``: share of (token, choice) assignments over capacity.
+        ``expert_load_cv``: coefficient of variation (std / mean) of tokens kept per
+        expert; 0 is perfectly balanced.
+        """
+        stats = [layer.last_stats for layer in self.moe_layers()]
+        if not stats:
+            return {}
+        if any(s is None for s in stats):
+            raise RuntimeError("routing_stats() needs a forward pass first")
+        dropped = torch.stack([s["dropped_fraction"] for s in stats]).float().mean()
+        loads = torch.stack([s["tokens_per_expert"] for s in stats]).float()
+        cv = (loads.std(dim=1, unbiased=False) / loads.mean(dim=1)).mean()
+        # One transfer for both numbers: this runs every logging step.
+        dropped_fraction, expert_load_cv = torch.stack([dropped, cv]).tolist()
+        return {"dropped_fraction": dropped_fraction, "expert_load_cv": expert_load_cv}
+
+
+def build_model(cfg: ModelConfig, inputs: InputSpec, device: torch.device | str | None = None) -> MoEModel:
+    """A randomly initialised model (nothing is downloaded).
+
+    Args:
+        cfg: backbone, placement and MoE settings.
+        inputs: image size, channels and classes of the dataset.
+        device: where to allocate parameters (default: torch's default device);
+            ``"meta"`` builds shapes only, for accounting.
+
+    Raises:
+        NotImplementedError: the backbone's family has no builder yet.
+    """
+    spec = BACKBONES[cfg.backbone]
+    builder = _BUILDERS.get(spec.family)
+    if builder is None:
+        buildable = ", ".join(name for name, s in BACKBONES.items() if s.family in _BUILDERS)
+        raise NotImplementedError(
+            f"backbone {cfg.backbone!r} is a {spec.family!r} model, which cannot be built yet; "
+            f"buildable backbones: {buildable}"
+        )
+    with torch.device(device) if device is not None else nullcontext():
+        return MoEModel(builder(cfg, spec, inputs), cfg)
