@@ -37,7 +37,9 @@ def table_frame(results: pd.DataFrame, metrics: list[str], show_seed: bool) -> p
 
 def to_markdown(results: pd.DataFrame, metrics: list[str]) -> str:
     shown = table_frame(results, metrics, show_seed=results["seed"].nunique() > 1)
-    return shown.to_markdown(index=False, disable_numparse=True)
+    text_columns = {HEADINGS["name"], HEADINGS["status"]}
+    align = ["left" if column in text_columns else "right" for column in shown.columns]
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 def to_csv(results: pd.DataFrame) -> str:

@@ -220,9 +220,8 @@ def _progress(total: int) -> Any:
         if event == "start":
             out.print(f"[cyan]▶[/cyan] {label}")
         elif event == "epoch":
-            shown = "  ".join(
-                f"{key} {details[key]:.3g}" for key in ("train_loss", "val_top1", "images_per_s") if key in details
-            )
+            formats = {"train_loss": "loss {:.3f}", "val_top1": "top-1 {:.1f}%", "images_per_s": "{:.0f} im/s"}
+            shown = "  ".join(fmt.format(details[key]) for key, fmt in formats.items() if key in details)
             out.print(f"  {label}  epoch {details['epoch']}/{details.get('epochs_total', '?')}  {shown}")
         elif event == "finished":
             done["count"] += 1

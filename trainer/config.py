@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from trainer.models.registry import BACKBONES, allowed_placements, resolve_placement
 
 
+# Part of every trial hash: bump it only when an existing field's meaning or default changes.
+SCHEMA_VERSION = 1
+
+
 class _Strict(BaseModel):
     """Unknown keys and silent type coercion are errors: a typo must never run."""
 
@@ -181,11 +185,7 @@ class TrialConfig(_Strict):
     seed: int = 0
 
     def canonical(self) -> dict[str, Any]:
-        """The identity-bearing content: a dense model carries no MoE settings.
-
-        Two dense baselines that differ only in (ignored) MoE settings are the same
-        trial, so they hash the same and expansion keeps one.
-        """
+        """Every field, as JSON data; a dense model carries no MoE settings (``moe: None``)."""
         data = self.model_dump(mode="json")
         if self.model.is_dense:
             data["model"]["moe"] = None
@@ -193,8 +193,17 @@ class TrialConfig(_Strict):
 
     @property
     def trial_hash(self) -> str:
-        """sha256 of the canonical JSON: the identity used for dedup and resume."""
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the identity JSON: what dedup, skip-if-finished and resume key on.
+
+        The identity holds only fields that differ from their defaults (and no MoE settings
+        for a dense model, so dense baselines collapse). Adding a field whose default keeps
+        the old behaviour therefore keeps every stored trial's hash; changing what an
+        existing default means must bump ``SCHEMA_VERSION``.
+        """
+        identity = self.model_dump(mode="json", exclude_defaults=True)
+        if self.model.is_dense:
+            identity.get("model", {}).pop("moe", None)
+        blob = json.dumps({"schema": SCHEMA_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
