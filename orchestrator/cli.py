@@ -129,6 +129,7 @@ def run(
         str | None, typer.Option(help="MLflow tracking URI; default: the study's sqlite store.")
     ] = None,
     dashboard: Annotated[bool, typer.Option(help="Start the Ray dashboard with the local Ray.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Run trials that FAILED before again.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
 ) -> None:
     """Run every trial of the study that is not FINISHED yet, then print the result table."""
@@ -148,14 +149,21 @@ def run(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     started = time.monotonic()
     try:
-        outcome = run_study(spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
-                            on_event=_progress(len(trials)))
+        outcome = run_study(
+            spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
+            retry_failed=retry_failed, on_event=_progress(len(trials)),
+        )
     except ResourceError as error:
         err.print(f"[red]error[/red] {study}: resources: {error}")
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print(f"interrupted: unfinished trials are marked KILLED; `sweetspot run {study}` resumes them.")
+        raise typer.Exit(130) from None
     elapsed = time.monotonic() - started
     if outcome.skipped:
         out.print(f"{len(outcome.skipped)} trials already FINISHED in MLflow: skipped.")
+    if outcome.previously_failed:
+        out.print(f"{len(outcome.previously_failed)} trials FAILED before: skipped (--retry-failed runs them again).")
     out.print(
         f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, "
         f"{len(outcome.incomplete)} incomplete in {elapsed:.0f} s."
@@ -165,6 +173,8 @@ def run(
     for trial_hash, error in outcome.failed.items():
         last_line = next((line for line in reversed(error.strip().splitlines()) if line.strip()), error)
         err.print(f"[red]failed[/red] {by_hash[trial_hash].name} seed {by_hash[trial_hash].seed}: {last_line}")
+    if outcome.incomplete:
+        err.print(f"{len(outcome.incomplete)} trials did not finish; `sweetspot run {study}` resumes them.")
     if not outcome.ok:
         raise typer.Exit(1)
 

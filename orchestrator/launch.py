@@ -37,13 +37,14 @@ class StudyOutcome:
     """What a ``run`` did: trial hashes by what happened to them."""
 
     skipped: list[str] = field(default_factory=list)
+    previously_failed: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # hash → error text
     incomplete: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.incomplete
+        return not self.failed and not self.incomplete and not self.previously_failed
 
 
 class ResourceError(RuntimeError):
@@ -101,9 +102,10 @@ def run_study(
     address: str | None = None,
     dashboard: bool = False,
     verbose: bool = False,
+    retry_failed: bool = False,
     on_event: Callable[[str, Trial, dict[str, Any]], None] | None = None,
 ) -> StudyOutcome:
-    """Run every trial not yet FINISHED in MLflow; return what happened.
+    """Run every trial not yet FINISHED in MLflow (FAILED ones only with ``retry_failed``).
 
     Uses the Ray that is already initialised (tests, notebooks), else starts a local one
     (or joins ``address``) and shuts it down afterwards.
@@ -114,8 +116,11 @@ def run_study(
     runs = store.trial_runs()
     todo = []
     for trial in trials:
-        if trial.hash in runs and runs[trial.hash].status == "FINISHED":
+        status = runs[trial.hash].status if trial.hash in runs else None
+        if status == "FINISHED":
             outcome.skipped.append(trial.hash)
+        elif status == "FAILED" and not retry_failed:
+            outcome.previously_failed.append(trial.hash)
         else:
             todo.append(trial)
     if not todo:
@@ -129,11 +134,11 @@ def run_study(
             log_to_driver=verbose,
             logging_level=logging.INFO if verbose else logging.WARNING,
         )
+    tracking = MLflowTracking(store, parent, {t.hash: t for t in todo}, on_event)
     try:
         concurrency = check_fits(spec.resources, ray.cluster_resources())
         if spec.resources.max_concurrent_trials:
             concurrency = min(concurrency, spec.resources.max_concurrent_trials)
-        tracking = MLflowTracking(store, parent, {t.hash: t for t in todo}, on_event)
         storage = spec.output_dir / "ray"
         storage.mkdir(parents=True, exist_ok=True)
         trainable = tune.with_resources(
@@ -157,6 +162,10 @@ def run_study(
         )
         tuner.fit()
     finally:
+        # Interrupted (Ctrl-C) or crashed: trials still open are KILLED, and resume next time.
+        for trial_hash, run_id in tracking.run_ids.items():
+            if trial_hash not in tracking.outcomes:
+                store.finish(run_id, "KILLED")
         if owns_ray:
             ray.shutdown()
     for trial in todo:

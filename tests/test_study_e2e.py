@@ -1,4 +1,8 @@
-"""A 2-trial study through real Ray Tune + Ray Train (2 DDP workers, gloo) + MLflow (sqlite) + table."""
+"""A real study through Ray Tune + Ray Train (2 DDP workers, gloo) + MLflow (sqlite) + the table.
+
+Two trials train; a third fails inside its workers. The failure is recorded with its reason,
+the others finish, and a second ``run`` launches nothing.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ base:
   data: {{train_samples: 512}}
   recipe: {{epochs: 2, batch_size: 64, lr: 0.003}}
 grid:
-  placement: [none, last2]
   experts: [4]
+cases:
+  - {{placement: none}}
+  - {{placement: last2}}
+  - {{placement: last2, train_samples: 4001}}  # valid config, fails in the workers: 4,000 images
 resources:
   workers: 2
   cpus_per_worker: 0.5
@@ -33,23 +40,33 @@ table:
 
 
 @pytest.mark.ray
-def test_study_runs_end_to_end_and_second_run_trains_nothing(local_ray: None, tmp_path: Path) -> None:
+def test_study_runs_end_to_end_records_failure_and_second_run_trains_nothing(
+    local_ray: None, tmp_path: Path
+) -> None:
     study = tmp_path / "e2e.yaml"
     study.write_text(STUDY.format(output=tmp_path / "out"))
     runner = CliRunner()
+    dense, moe, broken = (
+        "ViT-Mini, train_samples=512",
+        "ViT-Mini-4 Last 2 Top 1, train_samples=512",
+        "ViT-Mini-4 Last 2 Top 1, train_samples=4001",
+    )
 
     first = runner.invoke(app, ["run", str(study)])
-    assert first.exit_code == 0, first.output
-    assert "2 finished, 0 failed" in first.output
+    assert first.exit_code == 1, first.output  # a trial failed: the study fails, the rest is kept
+    assert "2 finished, 1 failed" in first.output
+    assert f"failed {broken} seed 0: ValueError: data.train_samples is 4001" in first.output
+    assert "Traceback" not in first.output
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = client.search_runs([experiment.experiment_id])
     study_runs = [r for r in runs if r.data.tags["sweetspot.kind"] == "study"]
-    trial_runs = [r for r in runs if r.data.tags["sweetspot.kind"] == "trial"]
-    assert len(study_runs) == 1 and study_runs[0].info.status == "FINISHED"
-    assert sorted(r.data.tags["sweetspot.trial_name"] for r in trial_runs) == ["ViT-Mini", "ViT-Mini-4 Last 2 Top 1"]
-    for run in trial_runs:
+    trial_runs = {r.data.tags["sweetspot.trial_name"]: r for r in runs if r.data.tags["sweetspot.kind"] == "trial"}
+    assert len(study_runs) == 1 and study_runs[0].info.status == "FAILED"
+    assert sorted(trial_runs) == sorted([dense, moe, broken])
+    for name in (dense, moe):
+        run = trial_runs[name]
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
         assert len(run.data.tags["sweetspot.trial_hash"]) == 64
@@ -57,9 +74,12 @@ def test_study_runs_end_to_end_and_second_run_trains_nothing(local_ray: None, tm
         history = client.get_metric_history(run.info.run_id, "val_top1")
         assert sorted(p.step for p in history) == [1, 2]  # one point per epoch, no duplicates
         assert 0 <= run.data.metrics["val_top1"] <= 100
-        assert run.data.metrics["params_total"] > 0
-    moe_run = next(r for r in trial_runs if r.data.tags["sweetspot.axis.placement"] == "last2")
-    dense_run = next(r for r in trial_runs if r.data.tags["sweetspot.axis.placement"] == "none")
+    failed = trial_runs[broken]
+    assert failed.info.status == "FAILED"
+    assert "data.train_samples is 4001, but embedded_mnist has 4000 training images" in failed.data.tags[
+        "sweetspot.error"
+    ]
+    moe_run, dense_run = trial_runs[moe], trial_runs[dense]
     assert moe_run.data.params["model.moe.experts"] == "4"
     assert dense_run.data.params["model.moe"] == "null"  # the dense baseline carries no MoE settings
     assert 0 <= moe_run.data.metrics["dropped_fraction"] <= 1
@@ -70,13 +90,15 @@ def test_study_runs_end_to_end_and_second_run_trains_nothing(local_ray: None, tm
     assert table.exit_code == 0, table.output
     lines = table.output.strip().splitlines()
     assert lines[0].startswith("| Architecture") and "Top-1 (%)" in lines[0]
-    assert lines[2].startswith("| ViT-Mini ") and lines[3].startswith("| ViT-Mini-4 Last 2 Top 1 ")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [dense, moe, broken]  # study order
     assert f"{moe_run.data.metrics['val_top1']:.2f}" in lines[3]
+    assert lines[4].rstrip("| ").endswith("FAILED")
 
     started = time.monotonic()
     second = runner.invoke(app, ["run", str(study)])
-    assert second.exit_code == 0, second.output
+    assert second.exit_code == 1, second.output
     assert "2 trials already FINISHED in MLflow: skipped" in second.output
+    assert "1 trials FAILED before: skipped" in second.output
     assert "0 finished, 0 failed" in second.output
     assert time.monotonic() - started < 15  # nothing was launched
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)

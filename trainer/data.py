@@ -38,6 +38,10 @@ def load_datasets(cfg: DataConfig) -> tuple[TensorDataset, TensorDataset]:
     images, labels = _mnist()
     train, val = _mnist_split()
     if cfg.train_samples is not None:
+        if cfg.train_samples > len(train):
+            raise ValueError(
+                f"data.train_samples is {cfg.train_samples}, but {cfg.dataset} has {len(train)} training images"
+            )
         train = train[: cfg.train_samples]
     return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
 
