@@ -139,6 +139,9 @@ def run(
     spec, trials = _load(study)
     if not verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # Tune logs a failed trial's whole traceback and advises Tuner.restore after Ctrl-C; we print
+        # a one-line reason (the full text is in MLflow) and how a study resumes instead.
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         if not dashboard:
             # Token auth only matters to the dashboard, which this local Ray does not start.
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
@@ -171,8 +174,11 @@ def run(
     _print_table(spec, trials, store)
     by_hash = {t.hash: t for t in trials}
     for trial_hash, error in outcome.failed.items():
-        last_line = next((line for line in reversed(error.strip().splitlines()) if line.strip()), error)
-        err.print(f"[red]failed[/red] {by_hash[trial_hash].name} seed {by_hash[trial_hash].seed}: {last_line}")
+        trial = by_hash[trial_hash]
+        err.print(f"[red]failed[/red] {trial.name} seed {trial.seed}: ", end="")
+        err.print(_last_line(error), markup=False)
+    if outcome.failed:
+        err.print("Full error texts: the `sweetspot.error` tag and error.txt of each failed run in MLflow.")
     if outcome.incomplete:
         err.print(f"{len(outcome.incomplete)} trials did not finish; `sweetspot run {study}` resumes them.")
     if not outcome.ok:
@@ -222,6 +228,11 @@ def _print_table(spec: StudySpec, trials: list[Trial], store: Any) -> None:
     sys.stdout.write("\n" + to_markdown(collect(trials, store, spec.table.metrics), spec.table.metrics) + "\n")
 
 
+def _last_line(error: str) -> str:
+    """The exception line of a traceback: what a person needs to see first."""
+    return next((line.strip() for line in reversed(error.strip().splitlines()) if line.strip()), error)
+
+
 def _progress(total: int) -> Any:
     done = {"count": 0}
 
@@ -238,7 +249,7 @@ def _progress(total: int) -> Any:
             out.print(f"[green]✔[/green] {label} ({done['count']}/{total})")
         elif event == "failed":
             done["count"] += 1
-            out.print(f"[red]✘[/red] {label}: failed ({done['count']}/{total})")
+            out.print(f"[red]✘[/red] {label}: {_last_line(details['error'])} ({done['count']}/{total})")
 
     return on_event
 

@@ -125,6 +125,10 @@ class StudyStore:
         self.client.log_batch(run.info.run_id, params=params, metrics=metrics)
         return run.info.run_id
 
+    def logged_epochs(self, run_id: str) -> set[int]:
+        """Epochs already in MLflow for this run (every epoch logs ``train_loss``)."""
+        return {point.step for point in self.client.get_metric_history(run_id, "train_loss")}
+
     def log_epoch(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         timestamp = _now()
         self.client.log_batch(
@@ -178,6 +182,7 @@ class MLflowTracking(tune.Callback):
         self.trials = trials
         self.on_event = on_event or (lambda *_: None)
         self.run_ids: dict[str, str] = {}
+        self.logged: dict[str, set[int]] = {}
         self.outcomes: dict[str, str] = {}
         self.errors: dict[str, str] = {}
 
@@ -191,13 +196,18 @@ class MLflowTracking(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         ours = self._trial(trial)
-        self.run_ids[ours.hash] = self.store.start_trial(ours, self.parent_run_id)
+        run_id = self.store.start_trial(ours, self.parent_run_id)
+        self.run_ids[ours.hash] = run_id
+        self.logged[ours.hash] = self.store.logged_epochs(run_id)
         self.on_event("start", ours, {})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         ours = self._trial(trial)
-        if "epoch" not in result:
+        epoch = result.get("epoch")
+        # A resumed trial re-reports its checkpoint's epoch: keep MLflow's history free of duplicates.
+        if epoch is None or int(epoch) in self.logged[ours.hash]:
             return
+        self.logged[ours.hash].add(int(epoch))
         metrics = {
             key: value
             for key, value in result.items()
@@ -206,8 +216,8 @@ class MLflowTracking(tune.Callback):
             and not isinstance(value, bool)
             and math.isfinite(value)
         }
-        self.store.log_epoch(self.run_ids[ours.hash], metrics, step=int(result["epoch"]))
-        self.on_event("epoch", ours, {"epoch": result["epoch"], **metrics})
+        self.store.log_epoch(self.run_ids[ours.hash], metrics, step=int(epoch))
+        self.on_event("epoch", ours, {"epoch": epoch, **metrics})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         ours = self._trial(trial)

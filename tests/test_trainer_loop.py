@@ -34,13 +34,26 @@ def test_each_epoch_reports_metrics_and_leaves_a_checkpoint(tmp_path: Path) -> N
 
 def test_a_restarted_trial_resumes_after_its_last_checkpoint(tmp_path: Path) -> None:
     one_epoch = TrialConfig.model_validate({**TINY, "recipe": {**TINY["recipe"], "epochs": 1}})
-    train(one_epoch, LocalReporter(tmp_path))
-    # Same folder, longer schedule: only the missing epoch is trained and reported.
+    first = LocalReporter(tmp_path)
+    train(one_epoch, first)
+    # Same folder, longer schedule: only the missing epoch is trained, each epoch recorded once.
     resumed = LocalReporter(tmp_path)
     train(TrialConfig.model_validate(TINY), resumed)
-    assert [m["epoch"] for m in resumed.history] == [2]
+    assert [m["epoch"] for m in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_metrics_of_a_checkpointed_epoch_that_never_reached_the_tracker_are_reported_on_resume(
+    tmp_path: Path,
+) -> None:
+    one_epoch = TrialConfig.model_validate({**TINY, "recipe": {**TINY["recipe"], "epochs": 1}})
+    train(one_epoch, LocalReporter(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text("")  # interrupted between checkpoint and report
+    resumed = LocalReporter(tmp_path)
+    train(TrialConfig.model_validate(TINY), resumed)
+    assert [m["epoch"] for m in resumed.history] == [1, 2]
 
 
 def test_dense_trial_reports_no_routing_metrics(tmp_path: Path) -> None:

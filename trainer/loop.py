@@ -105,8 +105,12 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
         step_on_epochs=False,
         updates_per_epoch=len(train_loader),
     )
-    start_epoch = _restore(reporter, model, optimizer, scheduler)
+    start_epoch, restored_metrics = _restore(reporter, model, optimizer, scheduler)
     ddp = DistributedDataParallel(model) if env.world > 1 else model
+    if restored_metrics:
+        # The checkpoint may have been saved after its metrics stopped reaching the tracker
+        # (an interrupt in between); report them again, the tracker keeps the first copy.
+        reporter.report(restored_metrics, None)
 
     for epoch in range(start_epoch, recipe.epochs):
         sampler.set_epoch(epoch)
@@ -123,7 +127,7 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
             checkpoint = None
             if env.rank == 0:
                 checkpoint = Path(folder)
-                _save(checkpoint, model, optimizer, scheduler, epoch)
+                _save(checkpoint, model, optimizer, scheduler, epoch, metrics)
             reporter.report(metrics, checkpoint)
 
 
@@ -210,9 +214,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save(folder: Path, model: MoEModel, optimizer: Any, scheduler: Any, epoch: int) -> None:
+def _save(
+    folder: Path, model: MoEModel, optimizer: Any, scheduler: Any, epoch: int, metrics: dict[str, Any]
+) -> None:
     state = {
         "epoch": epoch,
+        "metrics": metrics,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -225,11 +232,13 @@ def _save(folder: Path, model: MoEModel, optimizer: Any, scheduler: Any, epoch: 
     torch.save(state, folder / CHECKPOINT_FILE)
 
 
-def _restore(reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any) -> int:
-    """Load the latest checkpoint, if any; returns the first epoch still to train."""
+def _restore(
+    reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any
+) -> tuple[int, dict[str, Any] | None]:
+    """Load the latest checkpoint, if any: (first epoch still to train, its epoch's metrics)."""
     with reporter.latest_checkpoint() as folder:
         if folder is None:
-            return 0
+            return 0, None
         state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -237,5 +246,5 @@ def _restore(reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
-    return int(state["epoch"]) + 1
+    return int(state["epoch"]) + 1, state.get("metrics")  # absent in checkpoints before 0.1.0
 

@@ -52,11 +52,15 @@ class LocalReporter:
     def __init__(self, out_dir: Path, rank: int = 0) -> None:
         self.out_dir = Path(out_dir)
         self.rank = rank
-        self.history: list[dict[str, Any]] = []
+        sink = self.out_dir / "metrics.jsonl"
+        lines = sink.read_text().splitlines() if sink.is_file() else []
+        self.history: list[dict[str, Any]] = [json.loads(line) for line in lines if line.strip()]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if self.rank != 0:
             return
+        if any(seen["epoch"] == metrics["epoch"] for seen in self.history):
+            return  # a resumed run re-reports its checkpoint's epoch; it is in metrics.jsonl already
         self.history.append(dict(metrics))
         with (self.out_dir / "metrics.jsonl").open("a") as sink:
             sink.write(json.dumps(metrics) + "\n")
