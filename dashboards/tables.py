@@ -31,7 +31,8 @@ def table_frame(results: pd.DataFrame, metrics: list[str], show_seed: bool) -> p
     for column in ("params_total_m", "params_active_m"):
         shown[column] = shown[column].map(lambda v: _number(v, 2))
     for metric in metrics:
-        shown[metric] = shown[metric].map(lambda v: _number(v, 0 if metric == "images_per_s" else 2))
+        digits = 0 if metric == "images_per_s" else 2
+        shown[metric] = shown[metric].map(lambda v, digits=digits: _number(v, digits))
     return shown.rename(columns={c: HEADINGS.get(c, c) for c in columns})
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from orchestrator.expand import Trial, expand  # noqa: E402
@@ -249,7 +250,7 @@ def _progress(total: int) -> Any:
             out.print(f"[green]✔[/green] {label} ({done['count']}/{total})")
         elif event == "failed":
             done["count"] += 1
-            out.print(f"[red]✘[/red] {label}: {_last_line(details['error'])} ({done['count']}/{total})")
+            out.print(f"[red]✘[/red] {escape(label)}: {escape(_last_line(details['error']))} ({done['count']}/{total})")
 
     return on_event
 

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from trainer.models.registry import BACKBONES, allowed_placements, resolve_placement
 
-
 # Part of every trial hash: bump it only when an existing field's meaning or default changes.
 SCHEMA_VERSION = 1
 
