@@ -136,9 +136,9 @@ def test_moe_vit_mini_trains_a_step_on_embedded_mnist() -> None:
     torch.testing.assert_close(aux, expected_aux)
     for layer in model.moe_layers():
         assert layer.router.gate.weight.grad.abs().sum() > 0
-        assert layer.experts.w1.grad.abs().sum() > 0
+        assert layer.experts.fc1.weight.grad.abs().sum() > 0
     stats = model.routing_stats()
-    assert set(stats) == {"dropped_fraction", "expert_load_cv"}
+    assert set(stats) == {"dropped_fraction", "expert_load_cv", "experts_per_image"}
     assert 0.0 <= stats["dropped_fraction"] < 1.0 and stats["expert_load_cv"] >= 0.0
 
 

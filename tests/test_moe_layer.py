@@ -36,7 +36,7 @@ def reference_moe(
         row = torch.zeros_like(token)
         for gate, e in zip(gates, top.indices.tolist(), strict=True):
             if (t, e) not in skip:
-                row = row + gate * (F.gelu(token @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e])
+                row = row + gate * (F.gelu(token @ ex.fc1.weight[e] + ex.fc1.bias[e]) @ ex.fc2.weight[e] + ex.fc2.bias[e])
         rows.append(row)
     return torch.stack(rows).view_as(x)
 
@@ -196,10 +196,10 @@ def test_balance_loss_is_one_for_uniform_routing_and_larger_when_imbalanced() ->
     experts = 4
     top1 = torch.arange(8) % experts
     uniform = F.one_hot(top1, experts).float()
-    assert switch_balance_loss(uniform, top1).item() == pytest.approx(1.0)
+    assert switch_balance_loss(uniform, top1[:, None]).item() == pytest.approx(1.0)
 
     collapsed = F.one_hot(torch.zeros(8, dtype=torch.long), experts).float()
-    assert switch_balance_loss(collapsed, torch.zeros(8, dtype=torch.long)).item() == pytest.approx(experts)
+    assert switch_balance_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)).item() == pytest.approx(experts)
 
 
 def test_layer_balance_loss_penalises_collapse_and_trains_the_router() -> None:
@@ -216,10 +216,10 @@ def test_expert_weights_have_the_shape_of_the_mlp_they_replace() -> None:
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     assert shapes == {
         "router.gate.weight": (4, DIM),
-        "experts.w1": (4, DIM, 4 * DIM),
-        "experts.b1": (4, 4 * DIM),
-        "experts.w2": (4, 4 * DIM, DIM),
-        "experts.b2": (4, DIM),
+        "experts.fc1.weight": (4, DIM, 4 * DIM),
+        "experts.fc1.bias": (4, 4 * DIM),
+        "experts.fc2.weight": (4, 4 * DIM, DIM),
+        "experts.fc2.bias": (4, DIM),
     }
 
 

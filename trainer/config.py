@@ -28,48 +28,122 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+Router = Literal["linear", "cosine", "l2", "soft", "expert_choice"]
+TOKEN_CHOICE_ROUTERS: tuple[str, ...] = ("linear", "cosine", "l2")
+# What the Tutel backend can build; anything else needs the native backend.
+TUTEL_ROUTERS: tuple[str, ...] = ("linear", "cosine")
+
+
 class MoEConfig(_Strict):
     """One MoE layer, the same for every placed block of a trial.
 
     Attributes:
         experts: number of routed experts (>= 2).
-        top_k: experts each token is sent to (token choice), <= experts.
+        top_k: experts each token is sent to (token choice), <= experts. Expert choice
+            uses it in its capacity; Soft MoE ignores it.
         mlp_ratio: expert hidden size as a multiple of the model width; an expert has
             the shape of the MLP it replaces.
-        router: gate design. ``linear`` is the paper's conv1x1 gate (linear → softmax → top-k).
-        capacity_factor: per-expert buffer is ``ceil(capacity_factor · top_k · tokens / experts)``;
-            tokens beyond it are dropped (the residual carries them).
+        router: gate design. ``linear``: the paper's conv1x1 gate (linear → softmax → top-k).
+            ``cosine``: project to ``router_dim``, cosine similarity to learned expert
+            embeddings over a learned temperature (Chi et al. 2022). ``l2``: the same with
+            negative L2 distance. ``soft``: Soft MoE (Puigcerver et al. 2024), every slot a
+            softmax-weighted mix of an image's tokens; no capacity, no dropping.
+            ``expert_choice``: each expert takes its top-C tokens (Zhou et al. 2022).
+        router_dim: projection width of the ``cosine`` and ``l2`` routers (default:
+            ``min(256, model width)``).
+        routing: ``token`` routes every token on its own; ``image`` (ViMoE) routes all tokens
+            of an image to the experts its [CLS] token (or, without one, its mean token)
+            chooses. Token-choice routers only.
+        capacity_factor: per-expert buffer is ``ceil(capacity_factor · top_k · tokens / experts)``
+            (images instead of tokens under image routing); assignments beyond it are dropped
+            (the residual carries them). Expert choice: each expert takes exactly that many.
         batch_prioritized: Batch Prioritized Routing: tokens with the highest top gate
             score claim capacity first (otherwise position order).
         normalize_gates: renormalise the chosen k gate weights to sum to one (k > 1 only: with
             k = 1 the raw probability is kept, otherwise the router gets no task gradient).
-        balance_loss: auxiliary load-balancing loss form (Switch/GShard ``N · Σ f_i · P_i``).
+        gate_noise: training-time Gaussian noise on the router logits, std ``gate_noise / experts``
+            (V-MoE uses 1, i.e. std 1/E); 0 disables it.
+        shared_expert: add one always-on expert (ViMoE) to the routed output.
+        slots_per_expert: Soft MoE slots each expert processes per image.
+        balance_loss: auxiliary load-balancing loss: ``switch`` (Switch/GShard
+            ``E · Σ f_i · P_i``) or ``importance_load`` (Shazeer et al. 2017, as in V-MoE:
+            half the sum of the squared coefficients of variation of expert importance and load).
+            Soft MoE and expert choice are balanced by construction and have none.
         balance_loss_weight: its coefficient, averaged over MoE layers (paper: 0.01).
-        backend: ``native`` (pure PyTorch), ``tutel`` (needs tutel installed), or ``auto``.
+        expert_parallel: under data parallel training on W workers, each worker holds
+            ``experts / W`` experts and tokens travel by all-to-all; otherwise every worker holds
+            every expert. Both compute the same function and gradients.
+        backend: ``native`` (pure PyTorch), ``tutel`` (needs tutel installed; linear and cosine
+            token-choice routers), or ``auto`` (tutel where installed and able, else native).
     """
 
     experts: int = Field(8, ge=2)
     top_k: int = Field(2, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
-    router: Literal["linear"] = "linear"
+    router: Router = "linear"
+    router_dim: int | None = Field(None, ge=1)
+    routing: Literal["token", "image"] = "token"
     capacity_factor: float = Field(1.25, gt=0)
     batch_prioritized: bool = True
     normalize_gates: bool = True
-    balance_loss: Literal["switch"] = "switch"
+    gate_noise: float = Field(0.0, ge=0)
+    shared_expert: bool = False
+    slots_per_expert: int = Field(1, ge=1)
+    balance_loss: Literal["switch", "importance_load"] = "switch"
     balance_loss_weight: float = Field(0.01, ge=0)
-    backend: Literal["auto", "native"] = "auto"
+    expert_parallel: bool = True
+    backend: Literal["auto", "native", "tutel"] = "auto"
 
-    @field_validator("mlp_ratio", "capacity_factor", "balance_loss_weight", mode="before")
+    @field_validator("mlp_ratio", "capacity_factor", "balance_loss_weight", "gate_noise", mode="before")
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         # Strict mode rejects `mlp_ratio: 4`; YAML authors write integers for floats.
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
-    def _top_k_fits(self) -> MoEConfig:
+    def _consistent(self) -> MoEConfig:
         if self.top_k > self.experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= experts ({self.experts})")
+        if self.routing == "image" and self.router not in TOKEN_CHOICE_ROUTERS:
+            raise ValueError(
+                f"routing 'image' needs a token-choice router ({', '.join(TOKEN_CHOICE_ROUTERS)}), "
+                f"not {self.router!r}"
+            )
+        if self.backend == "tutel":
+            unsupported = []
+            if self.router not in TUTEL_ROUTERS:
+                unsupported.append(f"router {self.router!r} (tutel has {', '.join(TUTEL_ROUTERS)})")
+            if self.routing != "token":
+                unsupported.append("routing 'image'")
+            if unsupported:
+                raise ValueError(
+                    f"backend 'tutel' cannot build {' or '.join(unsupported)}; use backend 'native' or 'auto'"
+                )
         return self
+
+    @property
+    def is_token_choice(self) -> bool:
+        return self.router in TOKEN_CHOICE_ROUTERS
+
+    def identity(self) -> dict[str, Any]:
+        """The non-default fields that change what this layer computes (part of the trial hash).
+
+        Settings a router ignores are left out, so e.g. a grid ``router × top_k`` collapses
+        the Soft MoE duplicates; ``expert_parallel`` and ``backend`` are left out because they
+        choose how, not what, is computed.
+        """
+        ignored = {"expert_parallel", "backend"}
+        if self.router == "soft":
+            ignored |= {"top_k", "capacity_factor", "batch_prioritized", "normalize_gates", "gate_noise",
+                        "balance_loss", "balance_loss_weight", "router_dim"}
+        elif self.router == "expert_choice":
+            ignored |= {"batch_prioritized", "normalize_gates", "balance_loss", "balance_loss_weight",
+                        "router_dim", "slots_per_expert"}
+        else:
+            ignored.add("slots_per_expert")
+            if self.router == "linear":
+                ignored.add("router_dim")
+        return {k: v for k, v in self.model_dump(mode="json", exclude_defaults=True).items() if k not in ignored}
 
 
 Placement = str | list[int]
@@ -200,8 +274,15 @@ class TrialConfig(_Strict):
         existing default means must bump ``SCHEMA_VERSION``.
         """
         identity = self.model_dump(mode="json", exclude_defaults=True)
-        if self.model.is_dense:
-            identity.get("model", {}).pop("moe", None)
+        model = identity.get("model", {})
+        model.pop("moe", None)
+        moe = {} if self.model.is_dense else self.model.moe.identity()
+        if moe:
+            model["moe"] = moe
+        if model:
+            identity["model"] = model
+        else:
+            identity.pop("model", None)
         blob = json.dumps({"schema": SCHEMA_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

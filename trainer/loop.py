@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainer.config import TrialConfig
 from trainer.data import input_spec, load_datasets
 from trainer.models import MoEModel, build_model
+from trainer.moe import parallel
 from trainer.report import RayTrainReporter, Reporter
 
 CHECKPOINT_FILE = "state.pt"
@@ -52,6 +53,11 @@ class _Dist:
         else:
             device = torch.device("cpu")
         return cls(rank, world, device)
+
+    def expert_group(self, trial: TrialConfig) -> dist.ProcessGroup | None:
+        """The group MoE layers shard their experts over, or None to replicate them."""
+        moe_sharded = not trial.model.is_dense and trial.model.moe.expert_parallel
+        return dist.group.WORLD if moe_sharded and self.world > 1 else None
 
     def all_sum(self, values: list[float]) -> list[float]:
         # float64 so that summed counts of a large validation set stay exact.
@@ -89,12 +95,10 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
         raise ValueError(
             f"batch_size {recipe.batch_size} is larger than the {len(train_set)} training images"
         )
-    # Strided shards without padding: every validation image is counted exactly once.
-    val_loader = DataLoader(
-        Subset(val_set, range(env.rank, len(val_set), env.world)), batch_size=256, shuffle=False
-    )
+    val_loader = DataLoader(_ValShard(val_set, env.rank, env.world), batch_size=256, shuffle=False)
 
-    model = build_model(trial.model, input_spec(trial.data), device=env.device)
+    expert_group = env.expert_group(trial)
+    model = build_model(trial.model, input_spec(trial.data), device=env.device, expert_group=expert_group)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -105,8 +109,14 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
         step_on_epochs=False,
         updates_per_epoch=len(train_loader),
     )
-    start_epoch, restored_metrics = _restore(reporter, model, optimizer, scheduler)
-    ddp = DistributedDataParallel(model) if env.world > 1 else model
+    start_epoch, restored_metrics = _restore(reporter, model, optimizer, scheduler, expert_group)
+    ddp: torch.nn.Module = model
+    if env.world > 1:
+        # Sharded experts get their gradients through the all-to-all, not DDP's all-reduce.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, parallel.expert_parallel_names(model)
+        )
+        ddp = DistributedDataParallel(model)
     if restored_metrics:
         # The checkpoint may have been saved after its metrics stopped reaching the tracker
         # (an interrupt in between); report them again, the tracker keeps the first copy.
@@ -114,7 +124,7 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
 
     for epoch in range(start_epoch, recipe.epochs):
         sampler.set_epoch(epoch)
-        train_metrics = _train_epoch(ddp, model, train_loader, optimizer, scheduler, trial, epoch, env)
+        train_metrics = _train_epoch(ddp, model, train_loader, optimizer, scheduler, trial, epoch, env, expert_group)
         val_metrics = evaluate(model, val_loader, env)
         metrics = {
             "epoch": epoch + 1,
@@ -123,11 +133,13 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
             **val_metrics,
             "lr": optimizer.param_groups[0]["lr"],
         }
+        # Gathering sharded experts is a collective: every rank builds the state.
+        state = _checkpoint_state(model, optimizer, scheduler, epoch, metrics, expert_group)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if env.rank == 0:
                 checkpoint = Path(folder)
-                _save(checkpoint, model, optimizer, scheduler, epoch, metrics)
+                torch.save(state, checkpoint / CHECKPOINT_FILE)
             reporter.report(metrics, checkpoint)
 
 
@@ -140,10 +152,12 @@ def _train_epoch(
     trial: TrialConfig,
     epoch: int,
     env: _Dist,
+    expert_group: dist.ProcessGroup | None,
 ) -> dict[str, float]:
     ddp.train()
     steps_per_epoch = len(loader)
-    loss_sum = aux_sum = dropped_sum = load_cv_sum = 0.0
+    loss_sum = aux_sum = 0.0
+    routing_sums: dict[str, float] = {}
     images = 0
     started = time.perf_counter()
     for step, (inputs, targets) in enumerate(loader):
@@ -161,29 +175,27 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if trial.recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), trial.recipe.grad_clip)
+            parallel.clip_grad_norm_(model, trial.recipe.grad_clip, expert_group)
         optimizer.step()
         scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
 
         loss_sum += task_loss.item()
         aux_sum += aux_loss.item()
-        stats = model.routing_stats()
-        dropped_sum += stats.get("dropped_fraction", 0.0)
-        load_cv_sum += stats.get("expert_load_cv", 0.0)
+        for key, value in model.routing_stats().items():
+            routing_sums[key] = routing_sums.get(key, 0.0) + value
         images += inputs.shape[0]
     elapsed = time.perf_counter() - started
-    totals = env.all_sum([loss_sum, aux_sum, dropped_sum, load_cv_sum, float(images)])
+    routing_keys = sorted(routing_sums)
+    totals = env.all_sum([loss_sum, aux_sum, float(images), *(routing_sums[k] for k in routing_keys)])
     # Every rank ran the same number of steps, so the global mean divides by world × steps.
     denominator = env.world * steps_per_epoch
     metrics = {
         "train_loss": totals[0] / denominator,
         "aux_loss": totals[1] / denominator,
-        "images_per_s": totals[4] / max(elapsed, 1e-9),
+        "images_per_s": totals[2] / max(elapsed, 1e-9),
         "epoch_time_s": elapsed,
     }
-    if not trial.model.is_dense:
-        metrics["dropped_fraction"] = totals[2] / denominator
-        metrics["expert_load_cv"] = totals[3] / denominator
+    metrics.update({key: total / denominator for key, total in zip(routing_keys, totals[3:], strict=True)})
     return metrics
 
 
@@ -192,20 +204,42 @@ def evaluate(model: MoEModel, loader: DataLoader, env: _Dist) -> dict[str, float
     """Top-1/top-5 accuracy (%) and loss over the whole split, summed across ranks."""
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(env.device), targets.to(env.device)
+    for inputs, targets, real in loader:
+        inputs, targets, real = inputs.to(env.device), targets.to(env.device), real.to(env.device)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
             logits = model(inputs).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        loss_sum += (F.cross_entropy(logits, targets, reduction="none") * real).sum().item()
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = ranked.eq(targets[:, None])
+        hits = ranked.eq(targets[:, None]) & real[:, None]
         top1 += hits[:, 0].sum().item()
         top5 += hits.any(dim=1).sum().item()
-        count += targets.numel()
+        count += real.sum().item()
     loss_sum, top1, top5, count = env.all_sum([loss_sum, top1, top5, count])
     if count == 0:
         raise ValueError("the validation split is empty")
     return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
+
+
+class _ValShard(Dataset):
+    """Rank ``rank``'s strided share of the validation split, padded to the same length on every rank.
+
+    Equal lengths keep every rank in step through the same batches, which expert-parallel
+    all-to-alls require; padding repeats the last image and is marked not ``real``, so every
+    validation image is counted exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world: int) -> None:
+        self.dataset = dataset
+        self.indices = list(range(rank, len(dataset), world))
+        self.length = -(-len(dataset) // world)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        real = i < len(self.indices)
+        image, label = self.dataset[self.indices[i] if real else self.indices[-1] if self.indices else 0]
+        return image, label, real
 
 
 def _seed_everything(seed: int) -> None:
@@ -214,14 +248,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save(
-    folder: Path, model: MoEModel, optimizer: Any, scheduler: Any, epoch: int, metrics: dict[str, Any]
-) -> None:
-    state = {
+def _checkpoint_state(
+    model: MoEModel,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    metrics: dict[str, Any],
+    expert_group: dist.ProcessGroup | None,
+) -> dict[str, Any]:
+    """Everything a resume needs, with sharded experts gathered so any world size can load it."""
+    return {
         "epoch": epoch,
         "metrics": metrics,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": parallel.full_model_state(model, expert_group),
+        "optimizer": parallel.full_optimizer_state(optimizer, expert_group),
         "scheduler": scheduler.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -229,19 +269,18 @@ def _save(
             "numpy": np.random.get_state(),
         },
     }
-    torch.save(state, folder / CHECKPOINT_FILE)
 
 
 def _restore(
-    reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any
+    reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any, expert_group: dist.ProcessGroup | None
 ) -> tuple[int, dict[str, Any] | None]:
     """Load the latest checkpoint, if any: (first epoch still to train, its epoch's metrics)."""
     with reporter.latest_checkpoint() as folder:
         if folder is None:
             return 0, None
         state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    parallel.load_full_model_state(model, state["model"], expert_group)
+    parallel.load_full_optimizer_state(optimizer, state["optimizer"], expert_group)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

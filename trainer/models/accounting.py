@@ -16,7 +16,8 @@ class ParamCount:
     Attributes:
         total: every parameter.
         active: parameters one sample uses: everything but the routed experts, plus
-            top_k of each MoE layer's experts.
+            top_k of each MoE layer's experts (a shared expert is always active; Soft MoE
+            sends slots of every image to every expert, so all of them are).
     """
 
     total: int
@@ -28,7 +29,9 @@ def count_params(cfg: ModelConfig, inputs: InputSpec) -> ParamCount:
     total = sum(p.numel() for p in model.parameters())
     active = total
     for layer in model.moe_layers():
-        routed = sum(p.numel() for p in layer.experts.parameters())
+        if layer.cfg.router == "soft":
+            continue
+        routed = sum(p.numel() for p in layer.expert_parameters())
         # Experts are equal in size, so k of E experts are exactly k/E of the routed params.
         active -= routed - routed // layer.cfg.experts * layer.cfg.top_k
     return ParamCount(total=total, active=active)

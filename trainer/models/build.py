@@ -6,15 +6,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
 from trainer.models import InputSpec
 from trainer.models.registry import BACKBONES, BackboneSpec
 from trainer.models.vit import build_vit
-from trainer.moe.layer import MoE
+from trainer.moe.layer import MoELayer
 
-_BUILDERS: dict[str, Callable[[ModelConfig, BackboneSpec, InputSpec], nn.Module]] = {"vit": build_vit}
+_BUILDERS: dict[str, Callable[[ModelConfig, BackboneSpec, InputSpec, dist.ProcessGroup | None], nn.Module]] = {"vit": build_vit}
 
 
 class MoEModel(nn.Module):
@@ -37,8 +38,8 @@ class MoEModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def moe_layers(self) -> list[MoE]:
-        return [module for module in self.modules() if isinstance(module, MoE)]
+    def moe_layers(self) -> list[MoELayer]:
+        return [module for module in self.modules() if isinstance(module, MoELayer)]
 
     def aux_loss(self) -> Tensor:
         """``balance_loss_weight`` × the mean of the last forward's per-layer balance losses."""
@@ -56,6 +57,7 @@ class MoEModel(nn.Module):
         ``dropped_fraction``: share of (token, choice) assignments over capacity.
         ``expert_load_cv``: coefficient of variation (std / mean) of tokens kept per
         expert; 0 is perfectly balanced.
+        ``experts_per_image``: distinct experts an image's tokens reached, per layer.
         """
         stats = [layer.last_stats for layer in self.moe_layers()]
         if not stats:
@@ -65,12 +67,22 @@ class MoEModel(nn.Module):
         dropped = torch.stack([s["dropped_fraction"] for s in stats]).float().mean()
         loads = torch.stack([s["tokens_per_expert"] for s in stats]).float()
         cv = (loads.std(dim=1, unbiased=False) / loads.mean(dim=1)).mean()
-        # One transfer for both numbers: this runs every logging step.
-        dropped_fraction, expert_load_cv = torch.stack([dropped, cv]).tolist()
-        return {"dropped_fraction": dropped_fraction, "expert_load_cv": expert_load_cv}
+        per_image = torch.stack([s["experts_per_image"] for s in stats]).float().mean()
+        # One transfer for all numbers: this runs every step.
+        dropped_fraction, expert_load_cv, experts_per_image = torch.stack([dropped, cv, per_image]).tolist()
+        return {
+            "dropped_fraction": dropped_fraction,
+            "expert_load_cv": expert_load_cv,
+            "experts_per_image": experts_per_image,
+        }
 
 
-def build_model(cfg: ModelConfig, inputs: InputSpec, device: torch.device | str | None = None) -> MoEModel:
+def build_model(
+    cfg: ModelConfig,
+    inputs: InputSpec,
+    device: torch.device | str | None = None,
+    expert_group: dist.ProcessGroup | None = None,
+) -> MoEModel:
     """A randomly initialised model (nothing is downloaded).
 
     Args:
@@ -78,6 +90,7 @@ def build_model(cfg: ModelConfig, inputs: InputSpec, device: torch.device | str 
         inputs: image size, channels and classes of the dataset.
         device: where to allocate parameters (default: torch's default device);
             ``"meta"`` builds shapes only, for accounting.
+        expert_group: shard every MoE layer's experts over this process group.
 
     Raises:
         NotImplementedError: the backbone's family has no builder yet.
@@ -91,4 +104,4 @@ def build_model(cfg: ModelConfig, inputs: InputSpec, device: torch.device | str 
             f"buildable backbones: {buildable}"
         )
     with torch.device(device) if device is not None else nullcontext():
-        return MoEModel(builder(cfg, spec, inputs), cfg)
+        return MoEModel(builder(cfg, spec, inputs, expert_group), cfg)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from timm.models.vision_transformer import VisionTransformer
 
 from trainer.config import ModelConfig
 from trainer.models import InputSpec
 from trainer.models.registry import BackboneSpec
-from trainer.moe.layer import MoE
+from trainer.moe.layer import build_moe
 
 
-def build_vit(cfg: ModelConfig, spec: BackboneSpec, inputs: InputSpec) -> VisionTransformer:
+def build_vit(
+    cfg: ModelConfig, spec: BackboneSpec, inputs: InputSpec, expert_group: dist.ProcessGroup | None = None
+) -> VisionTransformer:
     """A randomly initialised ViT shaped by ``spec`` whose ``cfg.moe_blocks`` MLPs are MoE layers.
+
+    Under ``routing: image`` the [CLS] token represents the image (ViMoE), or the mean token
+    when the model has none.
 
     Raises:
         ValueError: the image does not tile into whole patches.
@@ -34,6 +40,7 @@ def build_vit(cfg: ModelConfig, spec: BackboneSpec, inputs: InputSpec) -> Vision
         drop_path_rate=cfg.drop_path,
         global_pool=spec.global_pool,
     )
+    image_token = "first" if model.num_prefix_tokens else "mean"
     for index in cfg.moe_blocks:
-        model.blocks[index].mlp = MoE(dim, cfg.moe)
+        model.blocks[index].mlp = build_moe(dim, cfg.moe, image_token=image_token, group=expert_group)
     return model

@@ -1,10 +1,15 @@
 """How tokens move: a routing decision, under per-expert capacity, to and from the experts.
 
-Tokens are copied into an ``[experts, capacity, dim]`` buffer so the experts run as
-one batched matmul, then gathered back and weighted by their gates. Every index is
-computed with tensor ops (one-hot cumsum), never a Python loop, and without
-host-device synchronisation: over-capacity assignments are sent to a scratch row
-that is thrown away, rather than filtered out with a boolean mask.
+Every router's dispatcher fills an ``[experts, capacity, dim]`` buffer, so the experts run
+as one batched matmul (and, under expert parallelism, the buffer is what travels by
+all-to-all), then reads the experts' output back, weighted by the gates:
+
+- :class:`TokenDispatcher` (token choice): first come first served under capacity.
+- :class:`ExpertChoiceDispatcher`: each expert takes its top-C tokens.
+- :class:`SoftDispatcher` (Soft MoE): each slot is a weighted average of an image's tokens.
+
+Every index is computed with tensor ops (one-hot cumsum, top-k), never a Python loop, and
+without host-device synchronisation.
 """
 
 from __future__ import annotations
@@ -106,6 +111,20 @@ class TokenDispatcher:
         buffer = x.new_zeros(self.experts * self.capacity + 1, dim).index_copy(0, self.slot, rows)
         return buffer[:-1].view(self.experts, self.capacity, dim)
 
+    def image_counts(self, images: int) -> Tensor:
+        """``[images, E]`` long: assignments each image's tokens kept at each expert.
+
+        Tokens are numbered image-major (``T = images × tokens per image``).
+        """
+        tokens = self.order.shape[0]
+        image = (self.order // (tokens // images)).repeat(self.top_k)
+        kept = self.slot < self.experts * self.capacity
+        flat = image * self.experts + torch.div(self.slot, self.capacity, rounding_mode="floor").clamp(
+            max=self.experts - 1
+        )
+        counts = torch.zeros(images * self.experts, dtype=torch.long, device=self.slot.device)
+        return counts.index_add_(0, flat, kept.long()).view(images, self.experts)
+
     def combine(self, y: Tensor) -> Tensor:
         """``[experts, capacity, dim]`` expert outputs → ``[T, dim]``, gate-weighted sum over choices.
 
@@ -120,3 +139,111 @@ class TokenDispatcher:
         flat = torch.cat([y.reshape(-1, dim), y.new_zeros(1, dim)])
         weighted = flat[self.slot] * self.gate.to(y.dtype).unsqueeze(-1)
         return weighted.view(self.top_k, -1, dim).sum(dim=0)[self.restore]
+
+
+@dataclass(frozen=True)
+class ExpertChoiceDispatcher:
+    """Expert choice (Zhou et al. 2022): each expert takes the C tokens that score it highest.
+
+    Every expert is filled exactly to C; a token may be taken by several experts or by
+    none (then its MoE output is zero and the residual carries it).
+
+    Attributes:
+        index: ``[E, C]`` long, the tokens each expert took, best first.
+        gate: ``[E, C]`` float32 combine weights (the tokens' router probabilities).
+        tokens: T.
+    """
+
+    index: Tensor
+    gate: Tensor
+    tokens: int
+
+    @classmethod
+    def plan(cls, probs: Tensor, capacity: int) -> ExpertChoiceDispatcher:
+        """Args: ``probs [T, E]`` router probabilities; ``capacity`` C <= T tokens per expert."""
+        gate, index = probs.t().topk(capacity, dim=1)
+        return cls(index, gate, probs.shape[0])
+
+    @property
+    def experts(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        return torch.full((self.experts,), self.capacity, dtype=torch.long, device=self.index.device)
+
+    @property
+    def dropped(self) -> Tensor:
+        """Tokens no expert took."""
+        taken = torch.zeros(self.tokens, dtype=torch.bool, device=self.index.device)
+        return self.tokens - taken.index_fill_(0, self.index.reshape(-1), True).sum()
+
+    def image_counts(self, images: int) -> Tensor:
+        image = self.index // (self.tokens // images)
+        flat = image * self.experts + torch.arange(self.experts, device=image.device).unsqueeze(1)
+        counts = torch.zeros(images * self.experts, dtype=torch.long, device=image.device)
+        return counts.index_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1)).view(images, self.experts)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """``[T, dim]`` → ``[E, C, dim]``."""
+        return x[self.index]
+
+    def combine(self, y: Tensor) -> Tensor:
+        """``[E, C, dim]`` → ``[T, dim]``: each token gets the gate-weighted sum of the experts that took it."""
+        dim = y.shape[-1]
+        weighted = (y * self.gate.to(y.dtype).unsqueeze(-1)).reshape(-1, dim)
+        return y.new_zeros(self.tokens, dim).index_add_(0, self.index.reshape(-1), weighted)
+
+
+@dataclass(frozen=True)
+class SoftDispatcher:
+    """Soft MoE (Puigcerver et al. 2024): slots are convex combinations of an image's tokens.
+
+    Attributes:
+        dispatch_weights: ``[B, N, S]``, a softmax over the N tokens for each slot.
+        combine_weights: ``[B, N, S]``, a softmax over the S slots for each token.
+        experts: E; slot ``s`` belongs to expert ``s // slots_per_expert``.
+    """
+
+    dispatch_weights: Tensor
+    combine_weights: Tensor
+    experts: int
+
+    @property
+    def slots_per_expert(self) -> int:
+        return self.dispatch_weights.shape[2] // self.experts
+
+    @property
+    def capacity(self) -> int:
+        return self.dispatch_weights.shape[0] * self.slots_per_expert
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        return torch.full((self.experts,), self.capacity, dtype=torch.long, device=self.dispatch_weights.device)
+
+    @property
+    def dropped(self) -> Tensor:
+        return torch.zeros((), dtype=torch.long, device=self.dispatch_weights.device)
+
+    def image_counts(self, images: int) -> Tensor:
+        return torch.full(
+            (images, self.experts), self.slots_per_expert, dtype=torch.long, device=self.dispatch_weights.device
+        )
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """``[B, N, dim]`` → ``[E, B · slots_per_expert, dim]`` slot inputs."""
+        batch, _, dim = x.shape
+        slots = torch.einsum("bns,bnd->bsd", self.dispatch_weights.to(x.dtype), x)
+        return slots.view(batch, self.experts, self.slots_per_expert, dim).transpose(0, 1).reshape(
+            self.experts, self.capacity, dim
+        )
+
+    def combine(self, y: Tensor) -> Tensor:
+        """``[E, B · slots_per_expert, dim]`` slot outputs → ``[B, N, dim]``."""
+        batch, dim = self.dispatch_weights.shape[0], y.shape[-1]
+        slots = y.view(self.experts, batch, self.slots_per_expert, dim).transpose(0, 1).reshape(batch, -1, dim)
+        return torch.einsum("bns,bsd->bnd", self.combine_weights.to(y.dtype), slots)

@@ -1,43 +1,77 @@
-"""The native MoE layer: a drop-in replacement for timm's ``Mlp``.
+"""The MoE layer: a drop-in replacement for timm's ``Mlp`` over ``[batch, tokens, dim]``.
 
-router (who goes where) → dispatcher (capacity, token movement) → experts (compute).
-Pure PyTorch and vectorised: no loop over tokens or experts.
+router (who goes where) → dispatcher (capacity, token movement) → experts (compute, possibly
+sharded over ranks) → dispatcher (combine) [+ shared expert]. Pure PyTorch and vectorised: no
+loop over tokens or experts. :func:`build_moe` picks the backend (this one, or Tutel's).
 """
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Literal, TypedDict
 
+import torch
+import torch.distributed as dist
+from timm.layers import Mlp
 from torch import Tensor, nn
 
 from trainer.config import MoEConfig
-from trainer.moe.dispatch import TokenDispatcher, expert_capacity
+from trainer.moe.dispatch import ExpertChoiceDispatcher, SoftDispatcher, TokenDispatcher, expert_capacity
 from trainer.moe.experts import Experts
-from trainer.moe.losses import switch_balance_loss
+from trainer.moe.losses import balance_loss
 from trainer.moe.router import build_router
+
+ImageToken = Literal["first", "mean"]
 
 
 class RoutingStats(TypedDict):
-    """What the last forward did, detached.
+    """What the last forward did, detached, on this rank.
 
     Attributes:
-        tokens_per_expert: ``[E]`` long, (token, choice) assignments each expert kept.
-        dropped_fraction: scalar float, assignments over capacity / all assignments.
-        capacity: slots per expert.
+        tokens_per_expert: ``[E]`` long, tokens each expert processed (counting a token once
+            per expert that took it; Soft MoE: slots).
+        dropped_fraction: scalar float. Token choice: (token, choice) assignments over capacity
+            / all assignments. Expert choice: tokens no expert took / tokens. Soft MoE: 0.
+        experts_per_image: scalar float, mean number of distinct experts an image's tokens reached.
+        image_counts: ``[B, E]`` long, how many of each image's tokens (or, under image routing,
+            choices) each expert kept: the per-image routing the paper's section 5.6 analyses.
+        capacity: slots per expert (images under image routing).
     """
 
     tokens_per_expert: Tensor
     dropped_fraction: Tensor
+    experts_per_image: Tensor
+    image_counts: Tensor
     capacity: int
 
 
-class MoE(nn.Module):
-    """Token-choice Mixture of Experts over ``[batch, tokens, dim]`` inputs.
+class MoELayer(nn.Module):
+    """What the model and the training loop need of an MoE layer, whatever its backend.
 
-    Every token of the call (batch × tokens) competes for the same per-expert capacity.
-    After each forward, ``aux_loss`` holds the unweighted load-balancing loss and
-    ``last_stats`` the :class:`RoutingStats`.
+    After each forward, ``aux_loss`` holds the unweighted load-balancing loss (zero for
+    routers that need none) and ``last_stats`` the :class:`RoutingStats`. With
+    ``record_routing`` set, every forward also appends its ``image_counts`` to
+    ``routing_record`` (an evaluation pass's routing, image by image).
     """
+
+    cfg: MoEConfig
+    aux_loss: Tensor | None
+    last_stats: RoutingStats | None
+    record_routing: bool
+    routing_record: list[Tensor]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the routed experts (what top-k selects among)."""
+        raise NotImplementedError
+
+    def _record(self, stats: RoutingStats, aux_loss: Tensor) -> None:
+        self.aux_loss = aux_loss
+        self.last_stats = stats
+        if self.record_routing:
+            self.routing_record.append(stats["image_counts"])
+
+
+class MoE(MoELayer):
+    """The native backend: every router of :mod:`trainer.moe.router`, expert parallel over a group."""
 
     def __init__(
         self,
@@ -45,47 +79,153 @@ class MoE(nn.Module):
         cfg: MoEConfig,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
+        image_token: ImageToken = "first",
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         """
         Args:
             dim: token width, in and out.
-            cfg: experts, top-k, expert mlp_ratio, router, capacity and priority settings.
+            cfg: the layer's settings.
             act_layer: expert activation (default ``nn.GELU``, as timm's ViT).
             drop: expert dropout after the activation and after the output (default 0.0).
+            image_token: what represents an image under ``routing: image``: its ``first``
+                token ([CLS]) or the ``mean`` of its tokens (a pooled feature map).
+            group: shard the experts over this process group (expert parallelism).
         """
         super().__init__()
-        # This class is the native backend; ``auto`` means native until tutel is wired in.
-        if cfg.backend not in ("auto", "native"):
-            raise ValueError(f"the native MoE layer serves backends 'auto' and 'native', not {cfg.backend!r}")
         self.dim = dim
         self.cfg = cfg
+        self.image_token = image_token
+        hidden = int(round(cfg.mlp_ratio * dim))
         self.router = build_router(dim, cfg)
-        self.experts = Experts(cfg.experts, dim, int(round(cfg.mlp_ratio * dim)), act_layer, drop)
-        self.aux_loss: Tensor | None = None
-        self.last_stats: RoutingStats | None = None
+        self.experts = Experts(cfg.experts, dim, hidden, act_layer, drop, group)
+        self.shared_expert = Mlp(dim, hidden, act_layer=act_layer, drop=drop) if cfg.shared_expert else None
+        if self.shared_expert is not None:
+            for linear in (self.shared_expert.fc1, self.shared_expert.fc2):
+                nn.init.trunc_normal_(linear.weight, std=0.02)
+                nn.init.zeros_(linear.bias)
+        self.aux_loss = None
+        self.last_stats = None
+        self.record_routing = False
+        self.routing_record = []
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [batch, tokens, {self.dim}], but got {tuple(x.shape)}")
+        if self.cfg.router == "soft":
+            out = self._soft(x)
+        elif self.cfg.router == "expert_choice":
+            out = self._expert_choice(x)
+        elif self.cfg.routing == "image":
+            out = self._image_choice(x)
+        else:
+            out = self._token_choice(x)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out
+
+    def _token_choice(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         flat = x.reshape(batch * tokens, dim)
-
         decision = self.router(flat)
         capacity = expert_capacity(batch * tokens, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
-        dispatcher = TokenDispatcher.plan(decision, capacity, self.cfg.batch_prioritized)
-        out = dispatcher.combine(self.experts(dispatcher.dispatch(flat)))
-
-        self.aux_loss = switch_balance_loss(decision.probs, decision.expert_index[:, 0])
-        self.last_stats = RoutingStats(
-            tokens_per_expert=dispatcher.tokens_per_expert,
-            dropped_fraction=dispatcher.dropped / (self.cfg.top_k * batch * tokens),
-            capacity=capacity,
+        plan = TokenDispatcher.plan(decision, capacity, self.cfg.batch_prioritized)
+        out = plan.combine(self.experts(plan.dispatch(flat)))
+        self._record(
+            self._stats(plan, batch, self.cfg.top_k * batch * tokens, tokens_per_item=1),
+            balance_loss(self.cfg.balance_loss, decision, self.router.noise_std),
         )
         return out.view(batch, tokens, dim)
+
+    def _image_choice(self, x: Tensor) -> Tensor:
+        # Whole images are the routed items: capacity counts images, and an image's tokens
+        # travel together as one [tokens · dim] row of the dispatch buffer.
+        batch, tokens, dim = x.shape
+        summary = x[:, 0] if self.image_token == "first" else x.mean(dim=1)
+        decision = self.router(summary)
+        capacity = expert_capacity(batch, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
+        plan = TokenDispatcher.plan(decision, capacity, self.cfg.batch_prioritized)
+        experts, rows = self.cfg.experts, plan.capacity
+        buffer = plan.dispatch(x.reshape(batch, tokens * dim)).view(experts, rows * tokens, dim)
+        out = plan.combine(self.experts(buffer).view(experts, rows, tokens * dim))
+        self._record(
+            self._stats(plan, batch, self.cfg.top_k * batch, tokens_per_item=tokens),
+            balance_loss(self.cfg.balance_loss, decision, self.router.noise_std),
+        )
+        return out.view(batch, tokens, dim)
+
+    def _expert_choice(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        flat = x.reshape(batch * tokens, dim)
+        capacity = expert_capacity(batch * tokens, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
+        plan = ExpertChoiceDispatcher.plan(self.router(flat), capacity)
+        out = plan.combine(self.experts(plan.dispatch(flat)))
+        self._record(self._stats(plan, batch, batch * tokens, tokens_per_item=1), x.new_zeros((), dtype=torch.float32))
+        return out.view(batch, tokens, dim)
+
+    def _soft(self, x: Tensor) -> Tensor:
+        dispatch_weights, combine_weights = self.router(x)
+        plan = SoftDispatcher(dispatch_weights, combine_weights, self.cfg.experts)
+        out = plan.combine(self.experts(plan.dispatch(x)))
+        self._record(self._stats(plan, x.shape[0], 1, tokens_per_item=1), x.new_zeros((), dtype=torch.float32))
+        return out
+
+    @torch.no_grad()
+    def _stats(
+        self,
+        plan: TokenDispatcher | ExpertChoiceDispatcher | SoftDispatcher,
+        images: int,
+        assignments: int,
+        tokens_per_item: int,
+    ) -> RoutingStats:
+        image_counts = plan.image_counts(images)
+        return RoutingStats(
+            tokens_per_expert=plan.tokens_per_expert * tokens_per_item,
+            dropped_fraction=plan.dropped.float() / assignments,
+            experts_per_image=(image_counts > 0).sum(dim=1).float().mean(),
+            image_counts=image_counts,
+            capacity=plan.capacity,
+        )
 
     def extra_repr(self) -> str:
         c = self.cfg
         return (
-            f"dim={self.dim}, experts={c.experts}, top_k={c.top_k}, capacity_factor={c.capacity_factor}, "
-            f"batch_prioritized={c.batch_prioritized}"
+            f"dim={self.dim}, router={c.router}, routing={c.routing}, top_k={c.top_k}, "
+            f"capacity_factor={c.capacity_factor}, batch_prioritized={c.batch_prioritized}, "
+            f"shared_expert={c.shared_expert}"
         )
+
+
+def resolve_backend(cfg: MoEConfig) -> Literal["native", "tutel"]:
+    """The backend ``cfg.backend`` means here: ``auto`` is tutel when importable and able."""
+    from trainer.moe import tutel_backend
+
+    if cfg.backend == "native":
+        return "native"
+    if cfg.backend == "tutel":
+        if not tutel_backend.available():
+            raise RuntimeError(
+                "backend 'tutel' was requested but tutel is not installed on this worker "
+                "(build it from github.com/microsoft/tutel, or use backend 'auto' or 'native')"
+            )
+        return "tutel"
+    return "tutel" if tutel_backend.available() and tutel_backend.supports(cfg) else "native"
+
+
+def build_moe(
+    dim: int,
+    cfg: MoEConfig,
+    act_layer: type[nn.Module] = nn.GELU,
+    drop: float = 0.0,
+    image_token: ImageToken = "first",
+    group: dist.ProcessGroup | None = None,
+) -> MoELayer:
+    """The MoE layer ``cfg`` asks for, on the backend :func:`resolve_backend` picks."""
+    if resolve_backend(cfg) == "tutel":
+        from trainer.moe.tutel_backend import TutelMoE
+
+        return TutelMoE(dim, cfg, act_layer, drop, group)
+    return MoE(dim, cfg, act_layer, drop, image_token, group)
