@@ -107,6 +107,11 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
                         problem = _locate(source, err, overrides, spec)
                         problems.setdefault(str(problem), problem)
                     continue
+                shard_error = _expert_sharding_error(config, spec.resources.workers)
+                if shard_error is not None:
+                    problem = _locate(source, shard_error, overrides, spec)
+                    problems.setdefault(str(problem), problem)
+                    continue
                 configs.setdefault(config.trial_hash, config)  # dense duplicates collapse here
     if problems:
         raise StudyError(list(problems.values()))
@@ -178,6 +183,19 @@ def _locate(source: Source, err: Any, overrides: list[_Override], spec: StudySpe
             hint = f" (in the combination {combo}; an 'exclude' rule can skip it)" if combo else ""
             return Problem(problem.file, problem.line, problem.column, problem.field, problem.reason + hint)
     return problem_from_error(source, err, ("base",))
+
+
+def _expert_sharding_error(config: TrialConfig, workers: int) -> dict[str, Any] | None:
+    """Expert parallelism splits the experts evenly over the workers; say so before launch."""
+    moe = config.model.moe
+    if config.model.is_dense or not moe.expert_parallel or workers == 1 or moe.experts % workers == 0:
+        return None
+    return {
+        "loc": ("model", "moe", "experts"),
+        "type": "value_error",
+        "msg": f"{moe.experts} experts do not split evenly over {workers} workers (expert parallelism); "
+        "use a multiple of resources.workers or set model.moe.expert_parallel: false",
+    }
 
 
 def _matches(rule: dict[str, Any], data: dict[str, Any]) -> bool:

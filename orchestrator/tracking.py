@@ -34,6 +34,8 @@ TAG_SEED = "sweetspot.seed"
 TAG_ERROR = "sweetspot.error"
 TAG_AXIS = "sweetspot.axis."
 TAG_PARENT = "mlflow.parentRunId"
+# Text a worker reports about how it ran (not a metric): result key → run tag.
+RESULT_TAGS = {"moe_backend": "sweetspot.moe_backend"}
 
 # Tune's bookkeeping keys in a result; everything else numeric came from the worker.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "checkpoint_path", "epoch"}
@@ -135,6 +137,10 @@ class StudyStore:
             run_id, metrics=[Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
         )
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
     def finish(self, run_id: str, status: str, error: str | None = None) -> None:
         if error:
             self.client.set_tag(run_id, TAG_ERROR, error[-_MLFLOW_TAG_LIMIT:])
@@ -217,6 +223,9 @@ class MLflowTracking(tune.Callback):
             and math.isfinite(value)
         }
         self.store.log_epoch(self.run_ids[ours.hash], metrics, step=int(epoch))
+        tags = {tag: str(result[key]) for key, tag in RESULT_TAGS.items() if key in result}
+        if tags:
+            self.store.set_tags(self.run_ids[ours.hash], tags)
         self.on_event("epoch", ours, {"epoch": epoch, **metrics})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

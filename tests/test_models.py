@@ -116,7 +116,7 @@ def test_accounting_from_first_principles(placement: str, experts: int, top_k: i
 def test_expert_params_are_found_by_name() -> None:
     model = build_model(moe_config("vit_s", "last2", experts=8), IMAGENET, device="meta")
     by_name = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    in_layers = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
+    in_layers = sum(p.numel() for layer in model.moe_layers() for p in layer.expert_parameters())
     assert by_name == in_layers == 2 * 8 * (2 * 384 * 1536 + 1536 + 384)
 
 
@@ -134,9 +134,9 @@ def test_moe_vit_mini_trains_a_step_on_embedded_mnist() -> None:
     assert torch.isfinite(logits).all() and torch.isfinite(aux)
     expected_aux = cfg.moe.balance_loss_weight * torch.stack([m.aux_loss for m in model.moe_layers()]).mean()
     torch.testing.assert_close(aux, expected_aux)
-    for layer in model.moe_layers():
-        assert layer.router.gate.weight.grad.abs().sum() > 0
-        assert layer.experts.fc1.weight.grad.abs().sum() > 0
+    for layer in model.moe_layers():  # router and experts, on whichever backend `auto` chose
+        for name, param in layer.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
     stats = model.routing_stats()
     assert set(stats) == {"dropped_fraction", "expert_load_cv", "experts_per_image"}
     assert 0.0 <= stats["dropped_fraction"] < 1.0 and stats["expert_load_cv"] >= 0.0

@@ -74,7 +74,8 @@ class MoEConfig(_Strict):
             ``experts / W`` experts and tokens travel by all-to-all; otherwise every worker holds
             every expert. Both compute the same function and gradients.
         backend: ``native`` (pure PyTorch), ``tutel`` (needs tutel installed; linear and cosine
-            token-choice routers), or ``auto`` (tutel where installed and able, else native).
+            token-choice routers with the switch loss), or ``auto`` (tutel where installed and
+            able, else native).
     """
 
     experts: int = Field(8, ge=2)
@@ -115,6 +116,8 @@ class MoEConfig(_Strict):
                 unsupported.append(f"router {self.router!r} (tutel has {', '.join(TUTEL_ROUTERS)})")
             if self.routing != "token":
                 unsupported.append("routing 'image'")
+            if self.balance_loss != "switch":
+                unsupported.append(f"balance_loss {self.balance_loss!r} (tutel's differs from Shazeer's)")
             if unsupported:
                 raise ValueError(
                     f"backend 'tutel' cannot build {' or '.join(unsupported)}; use backend 'native' or 'auto'"

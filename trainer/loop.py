@@ -28,6 +28,7 @@ from trainer.config import TrialConfig
 from trainer.data import input_spec, load_datasets
 from trainer.models import MoEModel, build_model
 from trainer.moe import parallel
+from trainer.moe.layer import resolve_backend
 from trainer.report import RayTrainReporter, Reporter
 
 CHECKPOINT_FILE = "state.pt"
@@ -133,6 +134,8 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
             **val_metrics,
             "lr": optimizer.param_groups[0]["lr"],
         }
+        if not trial.model.is_dense:
+            metrics["moe_backend"] = resolve_backend(trial.model.moe)
         # Gathering sharded experts is a collective: every rank builds the state.
         state = _checkpoint_state(model, optimizer, scheduler, epoch, metrics, expert_group)
         with tempfile.TemporaryDirectory() as folder:

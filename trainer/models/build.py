@@ -89,7 +89,8 @@ def build_model(
         cfg: backbone, placement and MoE settings.
         inputs: image size, channels and classes of the dataset.
         device: where to allocate parameters (default: torch's default device);
-            ``"meta"`` builds shapes only, for accounting.
+            ``"meta"`` builds shapes only, for accounting, always with the native MoE layer
+            (Tutel's has the same parameters but cannot be built without memory).
         expert_group: shard every MoE layer's experts over this process group.
 
     Raises:
@@ -103,5 +104,7 @@ def build_model(
             f"backbone {cfg.backbone!r} is a {spec.family!r} model, which cannot be built yet; "
             f"buildable backbones: {buildable}"
         )
+    if device is not None and torch.device(device).type == "meta":
+        cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"backend": "native"})})
     with torch.device(device) if device is not None else nullcontext():
         return MoEModel(builder(cfg, spec, inputs, expert_group), cfg)

@@ -1,0 +1,1 @@
+"""Micro-benchmarks, run as modules from the repository root (``python -m bench.<name>``)."""
