@@ -123,6 +123,9 @@ def _check_training_step_and_checkpoints(rank: int) -> None:
     for index, per_param in reference_opt.state_dict()["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_state[index][key], per_param[key], atol=1e-6, rtol=1e-4)
+    # Taking a checkpoint leaves the live optimizer state sharded.
+    for param in model.parameters():
+        assert optimizer.state[param]["exp_avg"].shape == param.shape
 
     # The gathered checkpoint loads on two ranks (sliced) and on one (whole).
     torch.manual_seed(1)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from trainer.moe import tutel_backend
 
 STUDY = """
 name: e2e
@@ -83,6 +84,9 @@ def test_study_runs_end_to_end_records_failure_and_second_run_trains_nothing(
     assert moe_run.data.params["model.moe.experts"] == "4"
     assert dense_run.data.params["model.moe"] == "null"  # the dense baseline carries no MoE settings
     assert 0 <= moe_run.data.metrics["dropped_fraction"] <= 1
+    assert 1 <= moe_run.data.metrics["experts_per_image"] <= 4
+    # 4 experts over 2 workers: expert parallel, on whichever backend `auto` found on the workers.
+    assert moe_run.data.tags["sweetspot.moe_backend"] == ("tutel" if tutel_backend.available() else "native")
     assert moe_run.data.metrics["params_total"] > moe_run.data.metrics["params_active"]
     assert dense_run.data.metrics["params_total"] == dense_run.data.metrics["params_active"]
 

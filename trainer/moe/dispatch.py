@@ -42,25 +42,25 @@ def expert_capacity(tokens: int, experts: int, top_k: int, capacity_factor: floa
 class TokenDispatcher:
     """Moves the tokens of one routing decision to and from the experts' buffer.
 
-    Assignments (token, choice) are laid out choice-major in priority order: all
-    tokens' 1st choices, then all 2nd choices, each in ``order``.
+    Assignments (token, choice) claim capacity choice-major in priority order: all tokens'
+    1st choices, then all 2nd choices, each in ``order``. The plan is then kept in token
+    order, so that dispatch and combine are one gather each.
 
     Attributes:
-        order: ``[T]`` token indices in the order they claim capacity.
-        restore: ``[T]`` inverse permutation of ``order``.
-        slot: ``[k·T]`` row ``expert · capacity + position`` of each assignment in the
-            flattened buffer, or ``experts · capacity`` (the scratch row) when dropped.
-        gate: ``[k·T]`` combine weight of each assignment.
+        slot: ``[k, T]`` long, row ``expert · capacity + position`` of each assignment in the
+            flattened buffer, or ``experts · capacity`` when dropped.
+        gate: ``[k, T]`` combine weight of each assignment, zero when dropped.
+        source: ``[experts · capacity]`` long, the token each buffer row holds. Empty rows
+            hold token 0: their outputs are never read, so they cost compute but change nothing.
         experts: number of experts E.
         capacity: slots per expert C.
         tokens_per_expert: ``[E]`` long, assignments each expert kept.
         dropped: scalar long, assignments over capacity.
     """
 
-    order: Tensor
-    restore: Tensor
     slot: Tensor
     gate: Tensor
+    source: Tensor
     experts: int
     capacity: int
     tokens_per_expert: Tensor
@@ -78,57 +78,60 @@ class TokenDispatcher:
         """
         tokens, top_k = decision.expert_index.shape
         experts = decision.probs.shape[-1]
-        if batch_prioritized:
-            # Stable, so ties keep position order and the plan is reproducible.
-            order = decision.priority.argsort(descending=True, stable=True)
-        else:
-            order = torch.arange(tokens, device=decision.expert_index.device)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(tokens, device=order.device)
-
-        expert = decision.expert_index[order].t().reshape(-1)
-        gate = decision.gates[order].t().reshape(-1)
+        device = decision.expert_index.device
         with torch.no_grad():
-            claimed = F.one_hot(expert, experts).cumsum(dim=0)
-            position = claimed.gather(1, expert.unsqueeze(1)).squeeze(1) - 1
+            if batch_prioritized:
+                # Stable, so ties keep position order and the plan is reproducible.
+                order = decision.priority.argsort(descending=True, stable=True)
+                expert = decision.expert_index[order].t()
+            else:
+                order = None
+                expert = decision.expert_index.t()
+            claimed = F.one_hot(expert.reshape(-1), experts).cumsum(dim=0)
+            position = claimed.gather(1, expert.reshape(-1, 1)).view(top_k, tokens) - 1
             kept = position < capacity
             slot = torch.where(kept, expert * capacity + position, experts * capacity)
+            if order is not None:  # back to token order
+                slot = torch.empty_like(slot).scatter_(1, order.expand(top_k, -1), slot)
+                kept = slot < experts * capacity
             tokens_per_expert = claimed[-1].clamp(max=capacity)
             dropped = top_k * tokens - tokens_per_expert.sum()
-        return cls(order, restore, slot, gate, experts, capacity, tokens_per_expert, dropped)
+            token = torch.arange(tokens, device=device).expand(top_k, -1)
+            source = torch.zeros(experts * capacity + 1, dtype=torch.long, device=device)
+            source = source.scatter_(0, slot.reshape(-1), token.reshape(-1))[:-1]
+        gate = decision.gates.t() * kept
+        return cls(slot, gate, source, experts, capacity, tokens_per_expert, dropped)
 
     @property
     def top_k(self) -> int:
-        return self.slot.shape[0] // self.order.shape[0]
+        return self.slot.shape[0]
 
-    def dispatch(self, x: Tensor) -> Tensor:
-        """``[T, dim]`` tokens → ``[experts, capacity, dim]`` buffer (empty slots are zero)."""
-        tokens, dim = x.shape
-        if tokens != self.order.shape[0]:
-            raise ValueError(f"planned for {self.order.shape[0]} tokens, but got x of shape {tuple(x.shape)}")
-        rows = x[self.order].repeat(self.top_k, 1)
-        # One extra scratch row absorbs every dropped assignment, then is cut off.
-        buffer = x.new_zeros(self.experts * self.capacity + 1, dim).index_copy(0, self.slot, rows)
-        return buffer[:-1].view(self.experts, self.capacity, dim)
+    @property
+    def tokens(self) -> int:
+        return self.slot.shape[1]
 
     def image_counts(self, images: int) -> Tensor:
         """``[images, E]`` long: assignments each image's tokens kept at each expert.
 
         Tokens are numbered image-major (``T = images × tokens per image``).
         """
-        tokens = self.order.shape[0]
-        image = (self.order // (tokens // images)).repeat(self.top_k)
-        kept = self.slot < self.experts * self.capacity
-        flat = image * self.experts + torch.div(self.slot, self.capacity, rounding_mode="floor").clamp(
-            max=self.experts - 1
-        )
+        full = self.experts * self.capacity
+        image = torch.arange(self.tokens, device=self.slot.device) // (self.tokens // images)
+        expert = torch.div(self.slot, self.capacity, rounding_mode="floor").clamp(max=self.experts - 1)
+        flat = (image * self.experts + expert).reshape(-1)
         counts = torch.zeros(images * self.experts, dtype=torch.long, device=self.slot.device)
-        return counts.index_add_(0, flat, kept.long()).view(images, self.experts)
+        return counts.index_add_(0, flat, (self.slot < full).long().reshape(-1)).view(images, self.experts)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """``[T, dim]`` tokens → ``[experts, capacity, dim]`` buffer."""
+        if x.shape[0] != self.tokens:
+            raise ValueError(f"planned for {self.tokens} tokens, but got x of shape {tuple(x.shape)}")
+        return x.index_select(0, self.source).view(self.experts, self.capacity, x.shape[-1])
 
     def combine(self, y: Tensor) -> Tensor:
         """``[experts, capacity, dim]`` expert outputs → ``[T, dim]``, gate-weighted sum over choices.
 
-        A dropped assignment reads the zero scratch row, so it contributes exactly zero.
+        A dropped assignment has gate zero, so it contributes exactly zero.
         """
         if y.shape[:2] != (self.experts, self.capacity):
             raise ValueError(
@@ -136,9 +139,10 @@ class TokenDispatcher:
                 f"but got {tuple(y.shape)}"
             )
         dim = y.shape[-1]
-        flat = torch.cat([y.reshape(-1, dim), y.new_zeros(1, dim)])
-        weighted = flat[self.slot] * self.gate.to(y.dtype).unsqueeze(-1)
-        return weighted.view(self.top_k, -1, dim).sum(dim=0)[self.restore]
+        # Dropped assignments point one past the end; any row will do, their gate is zero.
+        rows = y.reshape(-1, dim).index_select(0, self.slot.clamp(max=self.experts * self.capacity - 1).reshape(-1))
+        weighted = rows.view(self.top_k, self.tokens, dim) * self.gate.to(y.dtype).unsqueeze(-1)
+        return weighted[0] if self.top_k == 1 else weighted.sum(dim=0)
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,9 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, group: dist.ProcessGr
     if group is None:
         return state
     for index, param in _expert_state_ids(optimizer).items():
-        # Every rank has state for its shard, or none has (before the first step).
-        per_param = state["state"].get(index, {})
+        # Every rank has state for its shard, or none has (before the first step). The dicts
+        # are the optimizer's own (state_dict does not copy them): replace, never mutate.
+        per_param = state["state"][index] = dict(state["state"].get(index, {}))
         for key, value in sorted(per_param.items()):
             if isinstance(value, Tensor) and value.shape == param.shape:
                 per_param[key] = _gather(value, group)
@@ -119,8 +120,9 @@ def load_full_optimizer_state(
     optimizer: torch.optim.Optimizer, state: dict[str, Any], group: dist.ProcessGroup | None
 ) -> None:
     """Load an optimizer state of any world size (sharded tensors sliced to this rank)."""
+    state = {**state, "state": dict(state["state"])}  # leave the caller's dicts as they are
     for index, param in _expert_state_ids(optimizer).items():
-        per_param = state["state"].get(index, {})
+        per_param = state["state"][index] = dict(state["state"].get(index, {}))
         for key, value in per_param.items():
             if isinstance(value, Tensor) and value.ndim == param.ndim and value.shape[1:] == param.shape[1:]:
                 per_param[key] = _shard(value, param.shape[0], group)
