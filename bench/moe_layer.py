@@ -90,9 +90,21 @@ def _compare(dense: nn.Module, moe: nn.Module, x: Tensor, warmup: int, iters: in
 def _cases(backends: list[str], experts: list[int], top_ks: list[int]) -> list[tuple[MoEConfig, str]]:
     """(config, note) per row: the linear-router grid, then Soft MoE and expert choice at 8 experts."""
     cases = [
-        (MoEConfig(experts=e, top_k=k, mlp_ratio=MLP_RATIO, router="linear",
-                   capacity_factor=CAPACITY_FACTOR, backend=b), "")  # fmt: skip
-        for b in backends for e in experts for k in top_ks if k <= e
+        (
+            MoEConfig(
+                experts=e,
+                top_k=k,
+                mlp_ratio=MLP_RATIO,
+                router="linear",
+                capacity_factor=CAPACITY_FACTOR,
+                backend=b,
+            ),
+            "",
+        )
+        for b in backends
+        for e in experts
+        for k in top_ks
+        if k <= e
     ]
     if "native" in backends:
         # Tutel builds neither router, so these are native only.
@@ -138,7 +150,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> list[Row]:
 
 
 def _find(rows: list[Row], backend: str) -> Row | None:
-    return next((r for r in rows if (r.backend, r.router, r.experts, r.top_k) == (backend, "linear", 8, 1)), None)
+    return next(
+        (r for r in rows if (r.backend, r.router, r.experts, r.top_k) == (backend, "linear", 8, 1)), None
+    )
 
 
 def _print(rows: list[Row], fmt: str) -> None:

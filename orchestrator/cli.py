@@ -18,14 +18,14 @@ from typing import Annotated, Any
 # Tune's new console output ignores verbose=0; sweetspot prints its own progress instead.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from orchestrator.expand import Trial, expand  # noqa: E402
-from orchestrator.source import StudyError  # noqa: E402
-from orchestrator.spec import StudySpec, load_study  # noqa: E402
+from orchestrator.expand import Trial, expand
+from orchestrator.source import StudyError
+from orchestrator.spec import StudySpec, load_study
 
 app = typer.Typer(
     name="sweetspot",

@@ -27,7 +27,7 @@ def test_input_spec_is_known_without_loading() -> None:
 
 
 def test_split_is_4000_train_and_1000_val_normalised_images() -> None:
-    train_x, train_y, val_x, val_y = fresh_load()
+    train_x, train_y, val_x, _val_y = fresh_load()
     assert train_x.shape == (4000, 1, 28, 28) and val_x.shape == (1000, 1, 28, 28)
     assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
     pixels = torch.cat([train_x, val_x]) * STD + MEAN

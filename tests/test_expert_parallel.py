@@ -13,14 +13,13 @@ import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
+from two_ranks import WORLD, run_on_two_ranks
 
 from trainer.config import MoEConfig, TrialConfig
 from trainer.data import input_spec
 from trainer.models import build_model
 from trainer.moe import parallel
 from trainer.moe.layer import MoE
-
-from two_ranks import WORLD, run_on_two_ranks
 
 DIM = 8
 ATOL = 1e-5
@@ -45,8 +44,12 @@ def _check_layers(rank: int) -> None:
         reference = MoE(DIM, cfg)
         torch.manual_seed(0)
         sharded = MoE(DIM, cfg, group=group)
-        inputs = [torch.randn(3, 6, DIM, generator=torch.Generator().manual_seed(10 + r)) for r in range(WORLD)]
-        targets = [torch.randn(3, 6, DIM, generator=torch.Generator().manual_seed(20 + r)) for r in range(WORLD)]
+        inputs = [
+            torch.randn(3, 6, DIM, generator=torch.Generator().manual_seed(10 + r)) for r in range(WORLD)
+        ]
+        targets = [
+            torch.randn(3, 6, DIM, generator=torch.Generator().manual_seed(20 + r)) for r in range(WORLD)
+        ]
 
         x = inputs[rank].clone().requires_grad_()
         out = sharded(x)
@@ -64,8 +67,12 @@ def _check_layers(rank: int) -> None:
                 torch.testing.assert_close(out, out_ref, atol=ATOL, rtol=0, msg=f"{name}: output")
                 torch.testing.assert_close(x.grad, x_ref.grad, atol=ATOL, rtol=0, msg=f"{name}: input grad")
                 torch.testing.assert_close(sharded.aux_loss, reference.aux_loss, msg=f"{name}: aux loss")
-                for (key, p), p_ref in zip(sharded.router.named_parameters(), reference.router.parameters(), strict=True):
-                    torch.testing.assert_close(p.grad, p_ref.grad, atol=ATOL, rtol=0, msg=f"{name}: router {key}")
+                for (key, p), p_ref in zip(
+                    sharded.router.named_parameters(), reference.router.parameters(), strict=True
+                ):
+                    torch.testing.assert_close(
+                        p.grad, p_ref.grad, atol=ATOL, rtol=0, msg=f"{name}: router {key}"
+                    )
         local = slice(rank * 2, rank * 2 + 2)
         for key, param in sharded.experts.named_parameters():
             assert param.shape[0] == 2, name
@@ -81,13 +88,22 @@ def test_sharded_layer_equals_single_process_layer_for_every_router() -> None:
 def _trial() -> TrialConfig:
     # Room for every token, so the two ranks' batches together route exactly like one batch.
     return TrialConfig.model_validate(
-        {"model": {"placement": "last2", "moe": {"experts": 4, "top_k": 2, "capacity_factor": 4.0,
-                                                  "balance_loss_weight": 0.0}}}
+        {
+            "model": {
+                "placement": "last2",
+                "moe": {"experts": 4, "top_k": 2, "capacity_factor": 4.0, "balance_loss_weight": 0.0},
+            }
+        }
     )
 
 
-def _train_step(model: torch.nn.Module, ddp: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                group: dist.ProcessGroup | None) -> torch.optim.Optimizer:
+def _train_step(
+    model: torch.nn.Module,
+    ddp: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    group: dist.ProcessGroup | None,
+) -> torch.optim.Optimizer:
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-2, weight_decay=0.05)
     loss = torch.nn.functional.cross_entropy(ddp(images), labels)
     loss.backward()
@@ -108,7 +124,9 @@ def _check_training_step_and_checkpoints(rank: int) -> None:
 
     torch.manual_seed(0)
     model = build_model(trial.model, inputs, expert_group=group)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, parallel.expert_parallel_names(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, parallel.expert_parallel_names(model)
+    )
     ddp = DistributedDataParallel(model)
     half = slice(rank * 4, rank * 4 + 4)
     optimizer = _train_step(model, ddp, images[half], labels[half], group)

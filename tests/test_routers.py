@@ -228,7 +228,12 @@ def test_layer_balance_loss_weight_scales_the_model_loss(kind: str) -> None:
     from trainer.models import build_model
 
     trial = TrialConfig.model_validate(
-        {"model": {"placement": "last2", "moe": {"experts": 4, "balance_loss": kind, "balance_loss_weight": 0.5}}}
+        {
+            "model": {
+                "placement": "last2",
+                "moe": {"experts": 4, "balance_loss": kind, "balance_loss_weight": 0.5},
+            }
+        }
     )
     torch.manual_seed(0)
     model = build_model(trial.model, input_spec(trial.data))
@@ -241,8 +246,13 @@ def test_importance_load_with_gate_noise_gives_the_load_a_gradient() -> None:
     layer = make_layer(experts=4, top_k=1, gate_noise=1.0, balance_loss="importance_load")
     x = torch.randn(64, DIM)
     decision = layer.router(x)
-    importance_only = importance_load_loss(decision.probs.detach(), decision.logits, decision.noisy_logits,
-                                           decision.expert_index, layer.router.noise_std)
+    importance_only = importance_load_loss(
+        decision.probs.detach(),
+        decision.logits,
+        decision.noisy_logits,
+        decision.expert_index,
+        layer.router.noise_std,
+    )
     importance_only.backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0  # only the smooth load estimate can give it
 

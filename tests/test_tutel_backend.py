@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from two_ranks import WORLD, run_on_two_ranks
 
 from trainer.config import MoEConfig
 from trainer.moe import tutel_backend
 from trainer.moe.dispatch import expert_capacity
 from trainer.moe.layer import MoE, build_moe, resolve_backend
 
-from two_ranks import WORLD, run_on_two_ranks
-
 pytestmark = pytest.mark.skipif(
-    not tutel_backend.available(), reason="tutel is not installed (it is not on PyPI; build it from its source)"
+    not tutel_backend.available(),
+    reason="tutel is not installed (it is not on PyPI; build it from its source)",
 )
 
 DIM = 16
@@ -36,7 +36,9 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def pair(overrides: dict[str, Any], group: dist.ProcessGroup | None = None) -> tuple[MoE, tutel_backend.TutelMoE]:
+def pair(
+    overrides: dict[str, Any], group: dist.ProcessGroup | None = None
+) -> tuple[MoE, tutel_backend.TutelMoE]:
     cfg = MoEConfig(**{"experts": 4, "mlp_ratio": 2.0, "capacity_factor": 1.0, **overrides})
     torch.manual_seed(0)
     native = MoE(DIM, cfg, group=group)
@@ -75,7 +77,9 @@ def test_same_weights_and_capacity_give_the_same_layer(name: str) -> None:
     for key in ("tokens_per_expert", "dropped_fraction", "image_counts"):
         torch.testing.assert_close(tutel.last_stats[key], native.last_stats[key], msg=key)
     native_w1 = native.experts.fc1.weight.grad
-    torch.testing.assert_close(tutel.layer.experts.batched_fc1_w.grad, native_w1.transpose(1, 2), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        tutel.layer.experts.batched_fc1_w.grad, native_w1.transpose(1, 2), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_capacity_rounding_is_documented_where_the_backends_differ() -> None:
@@ -101,7 +105,11 @@ def _check_sharded(rank: int) -> None:
         torch.testing.assert_close(grad_t, grad_n, atol=1e-5, rtol=1e-4, msg=name)
         assert tutel.layer.experts.batched_fc1_w.shape[0] == 4 // WORLD
         torch.testing.assert_close(
-            tutel.layer.experts.batched_fc2_w.grad, native.experts.fc2.weight.grad, atol=1e-5, rtol=1e-4, msg=name
+            tutel.layer.experts.batched_fc2_w.grad,
+            native.experts.fc2.weight.grad,
+            atol=1e-5,
+            rtol=1e-4,
+            msg=name,
         )
 
 

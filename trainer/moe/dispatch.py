@@ -140,7 +140,9 @@ class TokenDispatcher:
             )
         dim = y.shape[-1]
         # Dropped assignments point one past the end; any row will do, their gate is zero.
-        rows = y.reshape(-1, dim).index_select(0, self.slot.clamp(max=self.experts * self.capacity - 1).reshape(-1))
+        rows = y.reshape(-1, dim).index_select(
+            0, self.slot.clamp(max=self.experts * self.capacity - 1).reshape(-1)
+        )
         weighted = rows.view(self.top_k, self.tokens, dim) * self.gate.to(y.dtype).unsqueeze(-1)
         return weighted[0] if self.top_k == 1 else weighted.sum(dim=0)
 
@@ -190,7 +192,9 @@ class ExpertChoiceDispatcher:
         image = self.index // (self.tokens // images)
         flat = image * self.experts + torch.arange(self.experts, device=image.device).unsqueeze(1)
         counts = torch.zeros(images * self.experts, dtype=torch.long, device=image.device)
-        return counts.index_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1)).view(images, self.experts)
+        return counts.index_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1)).view(
+            images, self.experts
+        )
 
     def dispatch(self, x: Tensor) -> Tensor:
         """``[T, dim]`` → ``[E, C, dim]``."""
@@ -227,7 +231,9 @@ class SoftDispatcher:
 
     @property
     def tokens_per_expert(self) -> Tensor:
-        return torch.full((self.experts,), self.capacity, dtype=torch.long, device=self.dispatch_weights.device)
+        return torch.full(
+            (self.experts,), self.capacity, dtype=torch.long, device=self.dispatch_weights.device
+        )
 
     @property
     def dropped(self) -> Tensor:
@@ -235,19 +241,26 @@ class SoftDispatcher:
 
     def image_counts(self, images: int) -> Tensor:
         return torch.full(
-            (images, self.experts), self.slots_per_expert, dtype=torch.long, device=self.dispatch_weights.device
+            (images, self.experts),
+            self.slots_per_expert,
+            dtype=torch.long,
+            device=self.dispatch_weights.device,
         )
 
     def dispatch(self, x: Tensor) -> Tensor:
         """``[B, N, dim]`` → ``[E, B · slots_per_expert, dim]`` slot inputs."""
         batch, _, dim = x.shape
         slots = torch.einsum("bns,bnd->bsd", self.dispatch_weights.to(x.dtype), x)
-        return slots.view(batch, self.experts, self.slots_per_expert, dim).transpose(0, 1).reshape(
-            self.experts, self.capacity, dim
+        return (
+            slots.view(batch, self.experts, self.slots_per_expert, dim)
+            .transpose(0, 1)
+            .reshape(self.experts, self.capacity, dim)
         )
 
     def combine(self, y: Tensor) -> Tensor:
         """``[E, B · slots_per_expert, dim]`` slot outputs → ``[B, N, dim]``."""
         batch, dim = self.dispatch_weights.shape[0], y.shape[-1]
-        slots = y.view(self.experts, batch, self.slots_per_expert, dim).transpose(0, 1).reshape(batch, -1, dim)
+        slots = (
+            y.view(self.experts, batch, self.slots_per_expert, dim).transpose(0, 1).reshape(batch, -1, dim)
+        )
         return torch.einsum("bns,bsd->bnd", self.combine_weights.to(y.dtype), slots)

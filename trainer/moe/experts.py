@@ -139,5 +139,7 @@ class Experts(nn.Module):
         return dist_fn.all_to_all_single(torch.empty_like(x), x, group=self.group)
 
     def extra_repr(self) -> str:
-        sharding = f", local_experts={self.local_experts}, world={self.world}" if self.group is not None else ""
+        sharding = (
+            f", local_experts={self.local_experts}, world={self.world}" if self.group is not None else ""
+        )
         return f"experts={self.num_experts}{sharding}"

@@ -96,7 +96,7 @@ class MoE(MoELayer):
         self.dim = dim
         self.cfg = cfg
         self.image_token = image_token
-        hidden = int(round(cfg.mlp_ratio * dim))
+        hidden = round(cfg.mlp_ratio * dim)
         self.router = build_router(dim, cfg)
         self.experts = Experts(cfg.experts, dim, hidden, act_layer, drop, group)
         self.shared_expert = Mlp(dim, hidden, act_layer=act_layer, drop=drop) if cfg.shared_expert else None
@@ -163,14 +163,18 @@ class MoE(MoELayer):
         capacity = expert_capacity(batch * tokens, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
         plan = ExpertChoiceDispatcher.plan(self.router(flat), capacity)
         out = plan.combine(self.experts(plan.dispatch(flat)))
-        self._record(self._stats(plan, batch, batch * tokens, tokens_per_item=1), x.new_zeros((), dtype=torch.float32))
+        self._record(
+            self._stats(plan, batch, batch * tokens, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
+        )
         return out.view(batch, tokens, dim)
 
     def _soft(self, x: Tensor) -> Tensor:
         dispatch_weights, combine_weights = self.router(x)
         plan = SoftDispatcher(dispatch_weights, combine_weights, self.cfg.experts)
         out = plan.combine(self.experts(plan.dispatch(x)))
-        self._record(self._stats(plan, x.shape[0], 1, tokens_per_item=1), x.new_zeros((), dtype=torch.float32))
+        self._record(
+            self._stats(plan, x.shape[0], 1, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
+        )
         return out
 
     @torch.no_grad()

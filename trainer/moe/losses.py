@@ -72,4 +72,3 @@ def balance_loss(kind: str, decision: RoutingDecision, noise_std: float) -> Tens
             decision.probs, decision.logits, decision.noisy_logits, decision.expert_index, noise_std
         )
     raise ValueError(f"unknown balance loss {kind!r}")
-

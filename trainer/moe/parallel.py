@@ -64,8 +64,7 @@ def _shard(tensor: Tensor, local: int, group: dist.ProcessGroup | None) -> Tenso
     rank = dist.get_rank(group) if group is not None else 0
     if tensor.shape[0] != local * (dist.get_world_size(group) if group is not None else 1):
         raise ValueError(
-            f"a checkpoint tensor with {tensor.shape[0]} experts does not split into "
-            f"{local} experts per rank"
+            f"a checkpoint tensor with {tensor.shape[0]} experts does not split into {local} experts per rank"
         )
     return tensor[rank * local : (rank + 1) * local].clone()
 
@@ -80,7 +79,9 @@ def full_model_state(model: nn.Module, group: dist.ProcessGroup | None) -> dict[
     return state
 
 
-def load_full_model_state(model: nn.Module, state: dict[str, Tensor], group: dist.ProcessGroup | None) -> None:
+def load_full_model_state(
+    model: nn.Module, state: dict[str, Tensor], group: dist.ProcessGroup | None
+) -> None:
     """Load a state of any world size: sharded tensors are sliced to this rank's experts."""
     params = dict(model.named_parameters())
     state = dict(state)

@@ -57,7 +57,9 @@ class RoutingDecision:
 class TopKRouter(nn.Module):
     """Token choice: scores → (noise) → softmax over experts → top-k → gates."""
 
-    def __init__(self, experts: int, top_k: int, normalize_gates: bool = True, gate_noise: float = 0.0) -> None:
+    def __init__(
+        self, experts: int, top_k: int, normalize_gates: bool = True, gate_noise: float = 0.0
+    ) -> None:
         """
         Args:
             experts: number of experts E to choose from.
@@ -102,7 +104,9 @@ class TopKRouter(nn.Module):
 class LinearRouter(TopKRouter):
     """The paper's conv1x1 gate: a bias-free linear map to one score per expert."""
 
-    def __init__(self, dim: int, experts: int, top_k: int, normalize_gates: bool = True, gate_noise: float = 0.0):
+    def __init__(
+        self, dim: int, experts: int, top_k: int, normalize_gates: bool = True, gate_noise: float = 0.0
+    ):
         super().__init__(experts, top_k, normalize_gates, gate_noise)
         self.gate = nn.Linear(dim, experts, bias=False)
         self.reset_parameters()

@@ -81,7 +81,7 @@ class TutelMoE(MoELayer):
             raise ValueError(f"tutel's experts have no dropout, but drop={drop}")
         self.dim = dim
         self.cfg = cfg
-        hidden = int(round(cfg.mlp_ratio * dim))
+        hidden = round(cfg.mlp_ratio * dim)
         # Draw the weights exactly as the native layer would, then hand them to Tutel.
         router = build_router(dim, cfg)
         experts = Experts(cfg.experts, dim, hidden, act_layer, group=group)
