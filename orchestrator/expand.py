@@ -144,7 +144,9 @@ def trial_name(config: TrialConfig, varied: list[tuple[str, ...]] = ()) -> str:
     if backbone.family == "convnext_iso":
         parts.append("(iso.)")
     if not model.is_dense:
-        parts += [placement_label(model.placement), f"Top {model.moe.top_k}"]
+        parts.append(placement_label(model.placement))
+        # Only token choice has a per-token k; the other routers are named by their kind.
+        parts.append({"soft": "Soft", "expert_choice": "Expert Choice"}.get(model.moe.router, f"Top {model.moe.top_k}"))
     name = " ".join(parts)
     canonical = config.canonical()
     extras = []

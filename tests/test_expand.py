@@ -126,3 +126,17 @@ def test_axis_short_names_and_dotted_paths() -> None:
     assert resolve_axis("lr") == ("recipe", "lr")
     with pytest.raises(ValueError, match="did you mean 'experts'"):
         resolve_axis("expert")
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ({"backbone": "convnext_t", "placement": "last2", "moe": {"experts": 4, "top_k": 1}}, "ConvNeXt-T-4 Last 2 Top 1"),
+        ({"backbone": "convnext_s_iso", "placement": "last2", "moe": {"top_k": 1}}, "ConvNeXt-S-8 (iso.) Last 2 Top 1"),
+        ({"backbone": "convnext_b_iso", "placement": "none"}, "ConvNeXt-B (iso.)"),
+        ({"placement": "last2", "moe": {"router": "soft"}}, "ViT-Mini-8 Last 2 Soft"),
+        ({"placement": "every2", "moe": {"router": "expert_choice"}}, "ViT-Mini-8 Every 2 Expert Choice"),
+    ],
+)
+def test_trial_names_follow_the_paper(model: dict[str, object], name: str) -> None:
+    assert trial_name(TrialConfig.model_validate({"model": model})) == name

@@ -11,11 +11,16 @@ from torch import Tensor, nn
 
 from trainer.config import ModelConfig
 from trainer.models import InputSpec
+from trainer.models.convnext import build_convnext
 from trainer.models.registry import BACKBONES, BackboneSpec
 from trainer.models.vit import build_vit
 from trainer.moe.layer import MoELayer
 
-_BUILDERS: dict[str, Callable[[ModelConfig, BackboneSpec, InputSpec, dist.ProcessGroup | None], nn.Module]] = {"vit": build_vit}
+_BUILDERS: dict[str, Callable[[ModelConfig, BackboneSpec, InputSpec, dist.ProcessGroup | None], nn.Module]] = {
+    "vit": build_vit,
+    "convnext": build_convnext,
+    "convnext_iso": build_convnext,
+}
 
 
 class MoEModel(nn.Module):

@@ -18,7 +18,7 @@ class BackboneSpec:
 
     Attributes:
         name: registry key used in YAML (``vit_s``).
-        display: name used in tables (``ViT-S``).
+        display: name used in tables (``ViT-S``); trial names add "(iso.)" for isotropic ConvNeXts.
         family: ``vit``, ``convnext`` (hierarchical stages) or ``convnext_iso`` (one stage).
         depths: blocks per stage; isotropic models have a single stage.
         dims: width per stage.
@@ -57,6 +57,17 @@ BACKBONES: dict[str, BackboneSpec] = {
         # Trains on a laptop CPU in seconds per epoch on 28x28 digits: 16 patches of 7x7, and
         # average pooling, which learns several times faster than [CLS] on 4,000 images.
         BackboneSpec("vit_mini", "ViT-Mini", "vit", (6,), (64,), heads=2, patch_size=7, global_pool="avg"),
+        # Liu et al. 2022: patch-4 stem, four stages.
+        BackboneSpec("convnext_t", "ConvNeXt-T", "convnext", (3, 3, 9, 3), (96, 192, 384, 768), patch_size=4),
+        BackboneSpec("convnext_s", "ConvNeXt-S", "convnext", (3, 3, 27, 3), (96, 192, 384, 768), patch_size=4),
+        BackboneSpec("convnext_b", "ConvNeXt-B", "convnext", (3, 3, 27, 3), (128, 256, 512, 1024), patch_size=4),
+        # The isotropic variants of the same paper: a patch-16 stem and 18 blocks at one width.
+        BackboneSpec("convnext_s_iso", "ConvNeXt-S", "convnext_iso", (18,), (384,), patch_size=16),
+        BackboneSpec("convnext_b_iso", "ConvNeXt-B", "convnext_iso", (18,), (768,), patch_size=16),
+        # For 28x28 digits: a 1x1 stem keeps four stages above 1x1 (28, 14, 7, 3 px) ...
+        BackboneSpec("convnext_mini", "ConvNeXt-Mini", "convnext", (1, 1, 3, 1), (16, 32, 64, 128), patch_size=1),
+        # ... and the isotropic one sees 16 positions of 7x7, like vit_mini.
+        BackboneSpec("convnext_mini_iso", "ConvNeXt-Mini", "convnext_iso", (6,), (64,), patch_size=7),
     )
 }
 
