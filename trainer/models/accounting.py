@@ -1,8 +1,20 @@
-"""Parameter accounting without allocating a model (built on the meta device)."""
+"""What a model costs before it trains: parameters, FLOPs per image, inference throughput.
+
+Parameters and FLOPs are counted on the meta device, so nothing is allocated and a ViT-B-8
+study plans in seconds. FLOPs follow the convention of the papers' tables (fvcore / timm):
+one multiply-add is one FLOP, and only matrix products and convolutions count.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+
+import torch
+from timm.layers import set_fused_attn, use_fused_attn
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import ModelConfig
 from trainer.models import InputSpec
@@ -35,3 +47,64 @@ def count_params(cfg: ModelConfig, inputs: InputSpec) -> ParamCount:
         # Experts are equal in size, so k of E experts are exactly k/E of the routed params.
         active -= routed - routed // layer.cfg.experts * layer.cfg.top_k
     return ParamCount(total=total, active=active)
+
+
+@contextmanager
+def _unfused_attention() -> Iterator[None]:
+    # FlopCounterMode counts fused scaled_dot_product_attention as zero on CPU; timm reads the
+    # flag when it builds a model, so build with explicit attention.
+    fused = use_fused_attn()
+    set_fused_attn(False)
+    try:
+        yield
+    finally:
+        set_fused_attn(fused)
+
+
+def count_flops(cfg: ModelConfig, inputs: InputSpec) -> int:
+    """FLOPs (multiply-adds) of one image's forward pass at the expected routing.
+
+    Token choice counts the router and k expert evaluations per token (the experts' capacity
+    slack is not compute the model needs); expert choice counts its capacity, Soft MoE its
+    slots, as they run.
+    """
+    with _unfused_attention():
+        model = build_model(cfg, inputs, device="meta")
+    for layer in model.moe_layers():
+        layer.expected_routing = True
+    image = torch.empty(1, inputs.in_chans, inputs.img_size, inputs.img_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(image)
+    return counter.get_total_flops() // 2
+
+
+def measure_throughput(
+    cfg: ModelConfig,
+    inputs: InputSpec,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    steps: int = 10,
+    warmup: int = 3,
+) -> float:
+    """Inference images/s of a randomly initialised model at a fixed batch (bf16 autocast on GPU).
+
+    The median of ``steps`` timed batches after ``warmup`` untimed ones, as in DeiT's
+    throughput measurement.
+    """
+    device = torch.device(device)
+    model = build_model(cfg, inputs, device=device).eval()
+    images = torch.randn(batch_size, inputs.in_chans, inputs.img_size, inputs.img_size, device=device)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    times = []
+    with torch.inference_mode(), autocast:
+        for step in range(warmup + steps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            model(images)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                times.append(time.perf_counter() - started)
+    return batch_size / sorted(times)[len(times) // 2]

@@ -97,18 +97,9 @@ def build_model(
             ``"meta"`` builds shapes only, for accounting, always with the native MoE layer
             (Tutel's has the same parameters but cannot be built without memory).
         expert_group: shard every MoE layer's experts over this process group.
-
-    Raises:
-        NotImplementedError: the backbone's family has no builder yet.
     """
     spec = BACKBONES[cfg.backbone]
-    builder = _BUILDERS.get(spec.family)
-    if builder is None:
-        buildable = ", ".join(name for name, s in BACKBONES.items() if s.family in _BUILDERS)
-        raise NotImplementedError(
-            f"backbone {cfg.backbone!r} is a {spec.family!r} model, which cannot be built yet; "
-            f"buildable backbones: {buildable}"
-        )
+    builder = _BUILDERS[spec.family]
     if device is not None and torch.device(device).type == "meta":
         cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"backend": "native"})})
     with torch.device(device) if device is not None else nullcontext():

@@ -131,6 +131,18 @@ class Experts(nn.Module):
         back = local_out.view(self.local_experts, self.world, capacity, -1).transpose(0, 1)
         return self._exchange(back).reshape(experts, capacity, -1)
 
+    def expected(self, x: Tensor) -> Tensor:
+        """``[n, dim]`` → ``[n, dim]`` through one expert: the compute of n routed assignments.
+
+        For cost accounting (FLOP counting on the meta device): the work of n assignments at
+        the expected routing, without the capacity buffer's empty slots.
+        """
+        return self._compute_one(x.unsqueeze(0)).squeeze(0)
+
+    def _compute_one(self, x: Tensor) -> Tensor:
+        h = torch.baddbmm(self.fc1.bias[:1].unsqueeze(1), x, self.fc1.weight[:1])
+        return torch.baddbmm(self.fc2.bias[:1].unsqueeze(1), self.act(h), self.fc2.weight[:1])
+
     def _compute(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 

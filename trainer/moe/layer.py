@@ -51,7 +51,13 @@ class MoELayer(nn.Module):
     routers that need none) and ``last_stats`` the :class:`RoutingStats`. With
     ``record_routing`` set, every forward also appends its ``image_counts`` to
     ``routing_record`` (an evaluation pass's routing, image by image).
+
+    With ``expected_routing`` set (cost accounting only), a token-choice forward computes the
+    router and exactly k expert evaluations per token: the FLOPs of the expected routing,
+    without the capacity buffer's empty slots. Its output is not the layer's function.
     """
+
+    expected_routing: bool = False
 
     cfg: MoEConfig
     aux_loss: Tensor | None
@@ -115,7 +121,9 @@ class MoE(MoELayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [batch, tokens, {self.dim}], but got {tuple(x.shape)}")
-        if self.cfg.router == "soft":
+        if self.expected_routing and self.cfg.is_token_choice:
+            out = self._expected_cost(x)
+        elif self.cfg.router == "soft":
             out = self._soft(x)
         elif self.cfg.router == "expert_choice":
             out = self._expert_choice(x)
@@ -125,6 +133,16 @@ class MoE(MoELayer):
             out = self._token_choice(x)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
+        return out
+
+    def _expected_cost(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        summary = x.reshape(-1, dim) if self.cfg.routing == "token" else x[:, 0]
+        self.router(summary)
+        assignments = x.reshape(-1, dim).repeat(self.cfg.top_k, 1)
+        out = self.experts.expected(assignments).view(self.cfg.top_k, batch, tokens, dim).sum(dim=0)
+        self.aux_loss = None
+        self.last_stats = None
         return out
 
     def _token_choice(self, x: Tensor) -> Tensor:

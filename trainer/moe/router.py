@@ -14,6 +14,7 @@ parameters (:class:`SoftRouter`).
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,14 @@ from trainer.config import MoEConfig
 _INIT_TEMPERATURE = 0.5
 _MIN_TEMPERATURE = 0.01
 DEFAULT_ROUTER_DIM = 256
+
+
+def full_precision(x: Tensor) -> AbstractContextManager[object]:
+    """Autocast off for ``x``'s device: near-tied logits in bf16 would flip choices between steps.
+
+    (The meta device, used for cost accounting, has no autocast to turn off.)
+    """
+    return nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: Tensor) -> RoutingDecision:
         """Route ``x`` of shape ``[tokens, dim]``."""
-        # Under bf16 autocast, near-tied logits would flip top-k choices between steps.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x):
             logits = self.logits(x.float())
         noisy_logits = logits
         if self.training and self.gate_noise > 0:
@@ -183,7 +191,7 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[T, dim]`` → ``[T, E]`` float32 probabilities."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x):
             return F.linear(x.float(), self.gate.weight.float()).softmax(dim=-1)
 
 
@@ -211,7 +219,7 @@ class SoftRouter(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, N, dim]`` → (dispatch ``[B, N, S]`` softmax over tokens, combine ``[B, N, S]``
         softmax over slots), float32, ``S = experts · slots_per_expert`` slots, expert-major."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x):
             tokens = F.normalize(x.float(), dim=-1, eps=1e-6)
             phi = self.scale.float() * F.normalize(self.phi.float(), dim=0, eps=1e-6)
             logits = tokens @ phi
