@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig
 from trainer.data import input_spec, load_datasets
-from trainer.models import InputSpec, MoEModel, build_model, registry
+from trainer.models import InputSpec, MoEModel, build_model
 from trainer.models.accounting import ParamCount, count_params
 from trainer.moe.layer import MoE
 
