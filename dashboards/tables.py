@@ -14,6 +14,7 @@ HEADINGS = {
     "epoch": "Epochs",
     "params_total_m": "#Params (M)",
     "params_active_m": "Active #Params (M)",
+    "gflops": "GFLOPs",
     "val_top1": "Top-1 (%)",
     "val_top5": "Top-5 (%)",
     "val_loss": "Val loss",
@@ -26,10 +27,12 @@ HEADINGS = {
 
 def table_frame(results: pd.DataFrame, metrics: list[str], show_seed: bool) -> pd.DataFrame:
     """The displayed columns, renamed, numbers formatted."""
-    columns = ["name", *(["seed"] if show_seed else []), "params_total_m", "params_active_m", *metrics, "status"]
+    fixed = ["params_total_m", "params_active_m", "gflops"]
+    columns = ["name", *(["seed"] if show_seed else []), *fixed, *metrics, "status"]
     shown = results[columns].copy()
-    for column in ("params_total_m", "params_active_m"):
-        shown[column] = shown[column].map(lambda v: _number(v, 2))
+    for column in fixed:
+        digits = 3 if column == "gflops" else 2
+        shown[column] = shown[column].map(lambda v, digits=digits: _number(v, digits))
     for metric in metrics:
         digits = 0 if metric == "images_per_s" else 2
         shown[metric] = shown[metric].map(lambda v, digits=digits: _number(v, digits))

@@ -77,26 +77,17 @@ def validate(study: StudyPath) -> None:
 def plan(
     study: StudyPath,
     format: Annotated[PlanFormat, typer.Option("--format", "-f", help="Output format.")] = PlanFormat.table,
+    measure: Annotated[
+        bool, typer.Option(help="Also time inference of each model here and estimate training hours.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Device for --measure: cpu or cuda.")] = "cpu",
 ) -> None:
-    """List the trials a study expands to (name, hash, axes, parameter counts) without running them."""
-    from trainer.data import input_spec
-    from trainer.models.accounting import count_params
+    """List the trials a study expands to, with params, active params, FLOPs and cost, without running them."""
+    from orchestrator.plan import plan as plan_trials
 
     spec, trials = _load(study)
-    rows = []
-    for trial in trials:
-        size = count_params(trial.config.model, input_spec(trial.config.data))
-        rows.append(
-            {
-                "name": trial.name,
-                "seed": trial.seed,
-                "hash": trial.hash,
-                "params_total": size.total,
-                "params_active": size.active,
-                "axes": trial.axes,
-                "trial": trial.config.model_dump(mode="json"),
-            }
-        )
+    plans = plan_trials(trials, measure=measure, device=device)
+    rows = [p.row() for p in plans]
     if format is PlanFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -106,18 +97,33 @@ def plan(
         flat = [{k: v for k, v in row.items() if k not in ("axes", "trial")} | row["axes"] for row in rows]
         sys.stdout.write(pd.DataFrame(flat).to_csv(index=False))
         return
+    # One line per configuration; its seeds are counted and their compute summed.
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        key = json.dumps({**row["trial"], "seed": None}, sort_keys=True)
+        groups.setdefault(key, []).append(row)
     table = Table(title=f"{spec.name}: {len(trials)} trials", title_justify="left")
-    for heading in ("#", "Architecture", "Seed", "Hash", "#Params (M)", "Active (M)"):
-        numeric = heading in ("#", "Seed", "#Params (M)", "Active (M)")
-        table.add_column(heading, justify="right" if numeric else "left", no_wrap=True)
-    table.add_column("Axes", overflow="fold")
-    for index, row in enumerate(rows):
-        axes = ", ".join(f"{k}={v}" for k, v in row["axes"].items() if v is not None)
-        table.add_row(
-            str(index), row["name"], str(row["seed"]), row["hash"][:12],
-            f"{row['params_total'] / 1e6:.2f}", f"{row['params_active'] / 1e6:.2f}", axes,
-        )
+    table.add_column("Architecture", overflow="fold", ratio=2, min_width=22)
+    headings = ["Seeds", "Params M", "Active M", "GFLOPs", "Train PFLOP"] + (["Img/s", "Est. h"] if measure else [])
+    for heading in headings:
+        table.add_column(heading, justify="right", no_wrap=True)
+    table.add_column("Axes", overflow="fold", ratio=1)
+    for members in groups.values():
+        first = members[0]
+        cells = [
+            first["name"], str(len(members)), f"{first['params_total'] / 1e6:.2f}",
+            f"{first['params_active'] / 1e6:.2f}", f"{first['gflops']:.3g}",
+            f"{sum(m['train_pflop'] for m in members):.3g}",
+        ]  # fmt: skip
+        if measure:
+            cells += [f"{first['images_per_s']:.0f}", f"{sum(m['train_hours'] for m in members):.2f}"]
+        axes = ", ".join(f"{k}={v}" for k, v in first["axes"].items() if k != "seed" and v is not None)
+        table.add_row(*cells, axes)
     out.print(table)
+    total = f"total training compute: {sum(r['train_pflop'] for r in rows):.3g} PFLOP (3 × forward multiply-adds)"
+    if measure:
+        total += f"; about {sum(r['train_hours'] for r in rows):.2f} device-hours at the measured {device} throughput"
+    out.print(total)
 
 
 @app.command()

@@ -15,7 +15,7 @@ NOT_RUN = "NOT RUN"
 
 
 def collect(trials: list[Trial], store: StudyStore, metrics: list[str]) -> pd.DataFrame:
-    """Columns: name, seed, hash, status, epoch, params_total_m, params_active_m, then ``metrics``
+    """Columns: name, seed, hash, status, epoch, params_total_m, params_active_m, gflops, then ``metrics``
     (their last logged value), then one column per axis."""
     latest = {}
     for run in store.runs():  # newest first: keep the newest run per hash
@@ -32,6 +32,7 @@ def collect(trials: list[Trial], store: StudyStore, metrics: list[str]) -> pd.Da
             "epoch": _epoch(store, run.info.run_id) if run else 0,
             "params_total_m": values.get("params_total", float("nan")) / 1e6,
             "params_active_m": values.get("params_active", float("nan")) / 1e6,
+            "gflops": values.get("gflops", float("nan")),
             **{metric: values.get(metric, float("nan")) for metric in metrics},
             **{f"axis.{axis}": value for axis, value in trial.axes.items()},
         }

@@ -24,7 +24,7 @@ from orchestrator.expand import Trial
 from orchestrator.spec import StudySpec
 from trainer.config import flatten
 from trainer.data import input_spec
-from trainer.models.accounting import count_params
+from trainer.models.accounting import model_cost
 
 TAG_KIND = "sweetspot.kind"
 TAG_STUDY = "sweetspot.study"
@@ -119,10 +119,11 @@ class StudyStore:
         }
         run = self.client.create_run(self.experiment_id, run_name=f"{trial.name} s{trial.seed}", tags=tags)
         params = [Param(key, _param_value(value)) for key, value in flatten(trial.config.canonical()).items()]
-        size = count_params(trial.config.model, input_spec(trial.config.data))
+        cost = model_cost(trial.config.model, input_spec(trial.config.data))
         metrics = [
-            Metric("params_total", size.total, _now(), 0),
-            Metric("params_active", size.active, _now(), 0),
+            Metric("params_total", cost.params_total, _now(), 0),
+            Metric("params_active", cost.params_active, _now(), 0),
+            Metric("gflops", cost.flops / 1e9, _now(), 0),
         ]
         self.client.log_batch(run.info.run_id, params=params, metrics=metrics)
         return run.info.run_id

@@ -16,6 +16,7 @@ from trainer.config import DataConfig
 from trainer.models import InputSpec
 
 _INPUTS = {"embedded_mnist": InputSpec(img_size=28, in_chans=1, num_classes=10)}
+_TRAIN_IMAGES = {"embedded_mnist": 4000}
 
 # MNIST's usual normalisation constants (full 60k training set).
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
@@ -26,6 +27,11 @@ _SPLIT_SEED = 20211  # Fixed forever: changing it changes every result.
 def input_spec(cfg: DataConfig) -> InputSpec:
     """Image size, channels and classes of ``cfg.dataset``, without loading it."""
     return _INPUTS[cfg.dataset]
+
+
+def train_size(cfg: DataConfig) -> int:
+    """Training images per epoch, without loading them."""
+    return cfg.train_samples if cfg.train_samples is not None else _TRAIN_IMAGES[cfg.dataset]
 
 
 def load_datasets(cfg: DataConfig) -> tuple[TensorDataset, TensorDataset]:

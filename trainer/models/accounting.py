@@ -49,6 +49,20 @@ def count_params(cfg: ModelConfig, inputs: InputSpec) -> ParamCount:
     return ParamCount(total=total, active=active)
 
 
+@dataclass(frozen=True)
+class ModelCost:
+    """What :func:`model_cost` reports: parameters and forward FLOPs (multiply-adds) per image."""
+
+    params_total: int
+    params_active: int
+    flops: int
+
+
+def model_cost(cfg: ModelConfig, inputs: InputSpec) -> ModelCost:
+    params = count_params(cfg, inputs)
+    return ModelCost(params.total, params.active, count_flops(cfg, inputs))
+
+
 @contextmanager
 def _unfused_attention() -> Iterator[None]:
     # FlopCounterMode counts fused scaled_dot_product_attention as zero on CPU; timm reads the
