@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -113,17 +114,26 @@ def plan(
         cells = [
             first["name"], str(len(members)), f"{first['params_total'] / 1e6:.2f}",
             f"{first['params_active'] / 1e6:.2f}", f"{first['gflops']:.3g}",
-            f"{sum(m['train_pflop'] for m in members):.3g}",
+            _sum((m["train_pflop"] for m in members), "{:.3g}"),
         ]  # fmt: skip
         if measure:
-            cells += [f"{first['images_per_s']:.0f}", f"{sum(m['train_hours'] for m in members):.2f}"]
+            cells += [f"{first['images_per_s']:.0f}", _sum((m["train_hours"] for m in members), "{:.2f}")]
         axes = ", ".join(f"{k}={v}" for k, v in first["axes"].items() if k != "seed" and v is not None)
         table.add_row(*cells, axes)
     out.print(table)
-    total = f"total training compute: {sum(r['train_pflop'] for r in rows):.3g} PFLOP (3 × forward multiply-adds)"
+    total = f"total training compute: {_sum((r['train_pflop'] for r in rows), '{:.3g}')} PFLOP (3 × forward multiply-adds)"
     if measure:
-        total += f"; about {sum(r['train_hours'] for r in rows):.2f} device-hours at the measured {device} throughput"
+        hours = _sum((r["train_hours"] for r in rows), "{:.2f}")
+        total += f"; about {hours} device-hours at the measured {device} throughput"
+    if any(r["train_pflop"] is None for r in rows):
+        total += "\n? = the dataset is not visible from here, so its images could not be counted"
     out.print(total)
+
+
+def _sum(values: Iterable[float | None], fmt: str) -> str:
+    """Formatted sum, or "?" when any part is unknown."""
+    values = list(values)
+    return "?" if any(v is None for v in values) else fmt.format(sum(values))
 
 
 @app.command()

