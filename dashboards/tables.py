@@ -20,6 +20,7 @@ HEADINGS = {
     "val_loss": "Val loss",
     "train_loss": "Train loss",
     "images_per_s": "Images/s",
+    "inference_images_per_s": "Inference im/s",
     "dropped_fraction": "Dropped tokens",
     "expert_load_cv": "Expert load CV",
 }
@@ -34,7 +35,7 @@ def table_frame(results: pd.DataFrame, metrics: list[str], show_seed: bool) -> p
         digits = 3 if column == "gflops" else 2
         shown[column] = shown[column].map(lambda v, digits=digits: _number(v, digits))
     for metric in metrics:
-        digits = 0 if metric == "images_per_s" else 2
+        digits = 0 if metric.endswith("images_per_s") else 2
         shown[metric] = shown[metric].map(lambda v, digits=digits: _number(v, digits))
     return shown.rename(columns={c: HEADINGS.get(c, c) for c in columns})
 

@@ -29,6 +29,9 @@ def test_each_epoch_reports_metrics_and_leaves_a_checkpoint(tmp_path: Path) -> N
     assert 0 <= last["val_top1"] <= last["val_top5"] <= 100
     assert 0 <= last["dropped_fraction"] <= 1 and last["expert_load_cv"] >= 0
     assert last["aux_loss"] > 0 and last["images_per_s"] > 0
+    # Measured once, after the last epoch, as `plan --measure` does.
+    assert last["inference_images_per_s"] > 0 and "inference_images_per_s" not in reporter.history[0]
+    assert last["moe_backend"] in ("native", "tutel")
     assert (tmp_path / "checkpoint" / "state.pt").is_file()
 
 

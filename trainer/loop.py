@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from trainer.config import TrialConfig
 from trainer.data import input_spec, load_datasets
 from trainer.models import MoEModel, build_model
+from trainer.models.accounting import time_inference
 from trainer.moe import parallel
 from trainer.moe.layer import resolve_backend
 from trainer.report import RayTrainReporter, Reporter
@@ -136,6 +137,10 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
         }
         if not trial.model.is_dense:
             metrics["moe_backend"] = resolve_backend(trial.model.moe)
+        if epoch + 1 == recipe.epochs:
+            # The same measurement as `sweetspot plan --measure`, on the trained model and the
+            # trial's own hardware: per worker, at a fixed batch.
+            metrics["inference_images_per_s"] = time_inference(model, input_spec(trial.data), env.device)
         # Gathering sharded experts is a collective: every rank builds the state.
         state = _checkpoint_state(model, optimizer, scheduler, epoch, metrics, expert_group)
         with tempfile.TemporaryDirectory() as folder:

@@ -92,21 +92,38 @@ def count_flops(cfg: ModelConfig, inputs: InputSpec) -> int:
     return counter.get_total_flops() // 2
 
 
+THROUGHPUT_BATCH = 64
+
+
 def measure_throughput(
     cfg: ModelConfig,
     inputs: InputSpec,
     device: torch.device | str = "cpu",
-    batch_size: int = 64,
+    batch_size: int = THROUGHPUT_BATCH,
     steps: int = 10,
     warmup: int = 3,
 ) -> float:
-    """Inference images/s of a randomly initialised model at a fixed batch (bf16 autocast on GPU).
-
-    The median of ``steps`` timed batches after ``warmup`` untimed ones, as in DeiT's
-    throughput measurement.
-    """
+    """Inference images/s of a randomly initialised model (see :func:`time_inference`)."""
     device = torch.device(device)
-    model = build_model(cfg, inputs, device=device).eval()
+    model = build_model(cfg, inputs, device=device)
+    return time_inference(model, inputs, device, batch_size, steps, warmup)
+
+
+def time_inference(
+    model: torch.nn.Module,
+    inputs: InputSpec,
+    device: torch.device,
+    batch_size: int = THROUGHPUT_BATCH,
+    steps: int = 10,
+    warmup: int = 3,
+) -> float:
+    """Inference images/s at a fixed batch, bf16 autocast on GPU: the median of ``steps`` timed
+    batches after ``warmup`` untimed ones, as in DeiT's throughput measurement.
+
+    With expert parallelism every rank must call this together (the layers exchange tokens).
+    """
+    was_training = model.training
+    model.eval()
     images = torch.randn(batch_size, inputs.in_chans, inputs.img_size, inputs.img_size, device=device)
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -121,4 +138,5 @@ def measure_throughput(
                 torch.cuda.synchronize(device)
             if step >= warmup:
                 times.append(time.perf_counter() - started)
+    model.train(was_training)
     return batch_size / sorted(times)[len(times) // 2]
