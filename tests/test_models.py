@@ -172,3 +172,13 @@ def test_vit_mini_cuts_digits_into_16_patches_of_7px_and_average_pools() -> None
     assert model.backbone.patch_embed.num_patches == 4 * 4
     assert model.backbone.embed_dim == 64
     assert model.backbone.global_pool == "avg"
+
+
+def test_patch_size_overrides_the_backbones() -> None:
+    model = build_model(ModelConfig(backbone="vit_s", placement="none", patch_size=32), IMAGENET, device="meta")
+    assert model.backbone.patch_embed.patch_size == (32, 32)
+    assert model.backbone.patch_embed.num_patches == 49
+    iso = build_model(ModelConfig(backbone="convnext_s_iso", placement="none", patch_size=8), IMAGENET, device="meta")
+    assert iso.backbone.stem.stride == (8, 8)
+    with pytest.raises(ValueError, match="42px patches.*28px"):
+        build_model(ModelConfig(backbone="vit_mini", placement="none", patch_size=14 * 3), MNIST, device="meta")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from trainer.models.registry import BACKBONES, allowed_placements, resolve_placement
+from trainer.models.registry import BACKBONES, BackboneSpec, allowed_placements, resolve_placement
 
 # Part of every trial hash: bump it only when an existing field's meaning or default changes.
 SCHEMA_VERSION = 1
@@ -162,12 +163,15 @@ class ModelConfig(_Strict):
             (the last L blocks), or an explicit list of 0-based block indices.
         moe: the MoE layer; ignored (and dropped from the trial identity) when dense.
         drop_path: stochastic depth rate.
+        patch_size: the stem's patch size, overriding the backbone's (ViT patch embedding, ConvNeXt
+            patchify stem); None keeps the backbone's.
     """
 
     backbone: str = "vit_mini"
     placement: Placement = "last2"
     moe: MoEConfig = MoEConfig()
     drop_path: float = Field(0.0, ge=0, lt=1)
+    patch_size: int | None = Field(None, ge=1)
 
     @field_validator("drop_path", mode="before")
     @classmethod
@@ -196,6 +200,12 @@ class ModelConfig(_Strict):
         if backbone is not None:
             resolve_placement(value, BACKBONES[backbone])  # ValueError names the allowed placements
         return value
+
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        """The registry's shape for ``backbone``, with ``patch_size`` applied."""
+        spec = BACKBONES[self.backbone]
+        return spec if self.patch_size is None else replace(spec, patch_size=self.patch_size)
 
     @property
     def is_dense(self) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from trainer.config import ModelConfig
 from trainer.models import InputSpec
 from trainer.models.convnext import build_convnext
-from trainer.models.registry import BACKBONES, BackboneSpec
+from trainer.models.registry import BackboneSpec
 from trainer.models.vit import build_vit
 from trainer.moe.layer import MoELayer
 
@@ -98,7 +98,7 @@ def build_model(
             (Tutel's has the same parameters but cannot be built without memory).
         expert_group: shard every MoE layer's experts over this process group.
     """
-    spec = BACKBONES[cfg.backbone]
+    spec = cfg.backbone_spec
     builder = _BUILDERS[spec.family]
     if device is not None and torch.device(device).type == "meta":
         cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"backend": "native"})})
