@@ -118,12 +118,19 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
     if not configs:
         raise StudyError([source.problem(("exclude",), "the study expands to zero trials")])
 
-    varied = _varied_axes(list(configs.values()), axis_paths)
+    # A name spells out backbone, experts, placement and k; where that leaves two configurations
+    # with one name, the axes that tell them apart are appended (seeds share a name).
+    homonyms: dict[str, list[TrialConfig]] = {}
+    for config in configs.values():
+        homonyms.setdefault(trial_name(config), []).append(config)
+    varied = {
+        name: _varied_axes(group, axis_paths) if len(group) > 1 else [] for name, group in homonyms.items()
+    }
     return [
         Trial(
             index=index,
             config=config,
-            name=trial_name(config, varied),
+            name=trial_name(config, varied[trial_name(config)]),
             axes={axis_label(path): _get(config.canonical(), path) for path in axis_paths},
         )
         for index, config in enumerate(configs.values())
@@ -133,8 +140,8 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
 def trial_name(config: TrialConfig, varied: list[tuple[str, ...]] = ()) -> str:
     """Paper-style name: "ViT-S-8 Every 2 Top 2", "ConvNeXt-T", "ConvNeXt-S-8 (iso.) Last 2 Top 1".
 
-    Axes in ``varied`` that the name does not spell out are appended (``, mlp_ratio=2``) so that
-    distinct configurations of one study never share a name.
+    Axes in ``varied`` that the name does not spell out are appended (``, mlp_ratio=2``); the
+    expansion passes the axes that tell apart configurations that would otherwise share a name.
     """
     model = config.model
     backbone = BACKBONES[model.backbone]

@@ -140,3 +140,21 @@ def test_axis_short_names_and_dotted_paths() -> None:
 )
 def test_trial_names_follow_the_paper(model: dict[str, object], name: str) -> None:
     assert trial_name(TrialConfig.model_validate({"model": model})) == name
+
+
+def test_only_axes_needed_to_tell_trials_apart_are_appended(tmp_path: Path) -> None:
+    trials = study(
+        tmp_path,
+        "name: s\ncases:\n"
+        "  - {backbone: vit_s, placement: none, drop_path: 0.1}\n"
+        "  - {backbone: vit_b, placement: none, drop_path: 0.2}\n"
+        "  - {backbone: vit_b, placement: every2, drop_path: 0.2, mlp_ratio: 2}\n"
+        "  - {backbone: vit_b, placement: every2, drop_path: 0.2, mlp_ratio: 4}\n"
+        "seeds: [0, 1]\n",
+    )
+    assert [t.name for t in trials[::2]] == [
+        "ViT-S",
+        "ViT-B",
+        "ViT-B-8 Every 2 Top 2, mlp_ratio=2",
+        "ViT-B-8 Every 2 Top 2, mlp_ratio=4",
+    ]

@@ -48,7 +48,7 @@ def test_study_runs_end_to_end_records_failure_and_second_run_trains_nothing(
     study.write_text(STUDY.format(output=tmp_path / "out"))
     runner = CliRunner()
     dense, moe, broken = (
-        "ViT-Mini, train_samples=512",
+        "ViT-Mini",
         "ViT-Mini-4 Last 2 Top 1, train_samples=512",
         "ViT-Mini-4 Last 2 Top 1, train_samples=4001",
     )
