@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from timm.layers import set_fused_attn, use_fused_attn
@@ -18,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import ModelConfig
 from trainer.models import InputSpec
-from trainer.models.build import build_model
+from trainer.models.build import MoEModel, build_model
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ class ParamCount:
 
 
 def count_params(cfg: ModelConfig, inputs: InputSpec) -> ParamCount:
-    model = build_model(cfg, inputs, device="meta")
+    return _count_params(build_model(cfg, inputs, device="meta"))
+
+
+def _count_params(model: MoEModel) -> ParamCount:
     total = sum(p.numel() for p in model.parameters())
     active = total
     for layer in model.moe_layers():
@@ -59,8 +63,15 @@ class ModelCost:
 
 
 def model_cost(cfg: ModelConfig, inputs: InputSpec) -> ModelCost:
-    params = count_params(cfg, inputs)
-    return ModelCost(params.total, params.active, count_flops(cfg, inputs))
+    """Params and FLOPs from one meta-device build, cached: a study repeats models across seeds."""
+    return _model_cost(cfg.model_dump_json(), inputs)
+
+
+@lru_cache(maxsize=1024)
+def _model_cost(cfg_json: str, inputs: InputSpec) -> ModelCost:
+    model = _meta_model(ModelConfig.model_validate_json(cfg_json), inputs)
+    params = _count_params(model)
+    return ModelCost(params.total, params.active, _count_flops(model, inputs))
 
 
 @contextmanager
@@ -82,13 +93,22 @@ def count_flops(cfg: ModelConfig, inputs: InputSpec) -> int:
     slack is not compute the model needs); expert choice counts its capacity, Soft MoE its
     slots, as they run.
     """
+    return _count_flops(_meta_model(cfg, inputs), inputs)
+
+
+def _meta_model(cfg: ModelConfig, inputs: InputSpec) -> MoEModel:
     with _unfused_attention():
-        model = build_model(cfg, inputs, device="meta")
+        return build_model(cfg, inputs, device="meta")
+
+
+def _count_flops(model: MoEModel, inputs: InputSpec) -> int:
     for layer in model.moe_layers():
         layer.expected_routing = True
     image = torch.empty(1, inputs.in_chans, inputs.img_size, inputs.img_size, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(image)
+    for layer in model.moe_layers():
+        layer.expected_routing = False
     return counter.get_total_flops() // 2
 
 
