@@ -44,6 +44,15 @@ class RoutingStats(TypedDict):
     capacity: int
 
 
+def shared_expert(dim: int, hidden: int, act_layer: type[nn.Module], drop: float = 0.0) -> Mlp:
+    """The always-on expert (ViMoE): timm's ``Mlp``, the shape of the routed experts, ViT init."""
+    mlp = Mlp(dim, hidden, act_layer=act_layer, drop=drop)
+    for linear in (mlp.fc1, mlp.fc2):
+        nn.init.trunc_normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+    return mlp
+
+
 class MoELayer(nn.Module):
     """What the model and the training loop need of an MoE layer, whatever its backend.
 
@@ -105,11 +114,7 @@ class MoE(MoELayer):
         hidden = round(cfg.mlp_ratio * dim)
         self.router = build_router(dim, cfg)
         self.experts = Experts(cfg.experts, dim, hidden, act_layer, drop, group)
-        self.shared_expert = Mlp(dim, hidden, act_layer=act_layer, drop=drop) if cfg.shared_expert else None
-        if self.shared_expert is not None:
-            for linear in (self.shared_expert.fc1, self.shared_expert.fc2):
-                nn.init.trunc_normal_(linear.weight, std=0.02)
-                nn.init.zeros_(linear.bias)
+        self.shared_expert = shared_expert(dim, hidden, act_layer, drop) if cfg.shared_expert else None
         self.aux_loss = None
         self.last_stats = None
         self.record_routing = False

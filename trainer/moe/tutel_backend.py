@@ -24,13 +24,12 @@ import math
 
 import torch
 import torch.distributed as dist
-from timm.layers import Mlp
 from torch import Tensor, nn
 
 from trainer.config import TUTEL_ROUTERS, MoEConfig
 from trainer.moe.dispatch import TokenDispatcher
 from trainer.moe.experts import EXPERT_PARALLEL_ATTR, Experts
-from trainer.moe.layer import MoELayer, RoutingStats
+from trainer.moe.layer import MoELayer, RoutingStats, shared_expert
 from trainer.moe.router import CosineRouter, LinearRouter, RoutingDecision, build_router
 
 
@@ -85,11 +84,7 @@ class TutelMoE(MoELayer):
         # Draw the weights exactly as the native layer would, then hand them to Tutel.
         router = build_router(dim, cfg)
         experts = Experts(cfg.experts, dim, hidden, act_layer, group=group)
-        self.shared_expert = Mlp(dim, hidden, act_layer=act_layer) if cfg.shared_expert else None
-        if self.shared_expert is not None:
-            for linear in (self.shared_expert.fc1, self.shared_expert.fc2):
-                nn.init.trunc_normal_(linear.weight, std=0.02)
-                nn.init.zeros_(linear.bias)
+        self.shared_expert = shared_expert(dim, hidden, act_layer) if cfg.shared_expert else None
 
         self.world = experts.world
         self.activation = act_layer()
