@@ -44,6 +44,29 @@ class RoutingStats(TypedDict):
     capacity: int
 
 
+@torch.no_grad()
+def routing_stats(
+    plan: TokenDispatcher | ExpertChoiceDispatcher | SoftDispatcher,
+    images: int,
+    assignments: int,
+    tokens_per_item: int = 1,
+    capacity: int | None = None,
+) -> RoutingStats:
+    """Statistics of one dispatch plan over ``images`` images and ``assignments`` routed items.
+
+    ``tokens_per_item`` converts routed items to tokens (image routing); ``capacity`` reports a
+    capacity other than the plan's (Tutel's, before it is capped at the number of tokens).
+    """
+    image_counts = plan.image_counts(images)
+    return RoutingStats(
+        tokens_per_expert=plan.tokens_per_expert * tokens_per_item,
+        dropped_fraction=plan.dropped.float() / assignments,
+        experts_per_image=(image_counts > 0).sum(dim=1).float().mean(),
+        image_counts=image_counts,
+        capacity=plan.capacity if capacity is None else capacity,
+    )
+
+
 def shared_expert(dim: int, hidden: int, act_layer: type[nn.Module], drop: float = 0.0) -> Mlp:
     """The always-on expert (ViMoE): timm's ``Mlp``, the shape of the routed experts, ViT init."""
     mlp = Mlp(dim, hidden, act_layer=act_layer, drop=drop)
@@ -158,7 +181,7 @@ class MoE(MoELayer):
         plan = TokenDispatcher.plan(decision, capacity, self.cfg.batch_prioritized)
         out = plan.combine(self.experts(plan.dispatch(flat)))
         self._record(
-            self._stats(plan, batch, self.cfg.top_k * batch * tokens, tokens_per_item=1),
+            routing_stats(plan, batch, self.cfg.top_k * batch * tokens, tokens_per_item=1),
             balance_loss(self.cfg.balance_loss, decision, self.router.noise_std),
         )
         return out.view(batch, tokens, dim)
@@ -175,7 +198,7 @@ class MoE(MoELayer):
         buffer = plan.dispatch(x.reshape(batch, tokens * dim)).view(experts, rows * tokens, dim)
         out = plan.combine(self.experts(buffer).view(experts, rows, tokens * dim))
         self._record(
-            self._stats(plan, batch, self.cfg.top_k * batch, tokens_per_item=tokens),
+            routing_stats(plan, batch, self.cfg.top_k * batch, tokens_per_item=tokens),
             balance_loss(self.cfg.balance_loss, decision, self.router.noise_std),
         )
         return out.view(batch, tokens, dim)
@@ -187,7 +210,7 @@ class MoE(MoELayer):
         plan = ExpertChoiceDispatcher.plan(self.router(flat), capacity)
         out = plan.combine(self.experts(plan.dispatch(flat)))
         self._record(
-            self._stats(plan, batch, batch * tokens, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
+            routing_stats(plan, batch, batch * tokens, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
         )
         return out.view(batch, tokens, dim)
 
@@ -196,26 +219,9 @@ class MoE(MoELayer):
         plan = SoftDispatcher(dispatch_weights, combine_weights, self.cfg.experts)
         out = plan.combine(self.experts(plan.dispatch(x)))
         self._record(
-            self._stats(plan, x.shape[0], 1, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
+            routing_stats(plan, x.shape[0], 1, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
         )
         return out
-
-    @torch.no_grad()
-    def _stats(
-        self,
-        plan: TokenDispatcher | ExpertChoiceDispatcher | SoftDispatcher,
-        images: int,
-        assignments: int,
-        tokens_per_item: int,
-    ) -> RoutingStats:
-        image_counts = plan.image_counts(images)
-        return RoutingStats(
-            tokens_per_expert=plan.tokens_per_expert * tokens_per_item,
-            dropped_fraction=plan.dropped.float() / assignments,
-            experts_per_image=(image_counts > 0).sum(dim=1).float().mean(),
-            image_counts=image_counts,
-            capacity=plan.capacity,
-        )
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from trainer.config import TUTEL_ROUTERS, MoEConfig
 from trainer.moe.dispatch import TokenDispatcher
 from trainer.moe.experts import EXPERT_PARALLEL_ATTR, Experts
-from trainer.moe.layer import MoELayer, RoutingStats, shared_expert
+from trainer.moe.layer import MoELayer, RoutingStats, routing_stats, shared_expert
 from trainer.moe.router import CosineRouter, LinearRouter, RoutingDecision, build_router
 
 
@@ -173,11 +173,4 @@ class TutelMoE(MoELayer):
         decision = RoutingDecision(expert_index, top_probs, probs, probs, probs, top_probs[:, 0])
         capacity = tutel_capacity(batch * tokens, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
         plan = TokenDispatcher.plan(decision, min(capacity, batch * tokens), self.cfg.batch_prioritized)
-        image_counts = plan.image_counts(batch)
-        return RoutingStats(
-            tokens_per_expert=plan.tokens_per_expert,
-            dropped_fraction=plan.dropped.float() / (self.cfg.top_k * batch * tokens),
-            experts_per_image=(image_counts > 0).sum(dim=1).float().mean(),
-            image_counts=image_counts,
-            capacity=capacity,
-        )
+        return routing_stats(plan, batch, self.cfg.top_k * batch * tokens, capacity=capacity)
