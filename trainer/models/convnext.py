@@ -20,7 +20,12 @@ from trainer.moe.layer import MoELayer, build_moe
 
 
 class SpatialMoE(nn.Module):
-    """Runs an MoE layer over the positions of a channels-last feature map ``[B, H, W, C]``."""
+    """Runs an MoE layer over the positions of a channels-last feature map ``[B, H, W, C]``.
+
+    It tells the layer the map's (H, W) grid (``MoELayer.grid``, read by the routing analysis)
+    at every forward: the stage's resolution follows from the input, so it is taken from the
+    map itself rather than re-derived from timm's strides at build time.
+    """
 
     def __init__(self, moe: MoELayer) -> None:
         super().__init__()
@@ -28,6 +33,7 @@ class SpatialMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape
+        self.moe.grid = (height, width)
         return self.moe(x.reshape(batch, height * width, channels)).view(batch, height, width, channels)
 
 
@@ -116,6 +122,7 @@ def build_convnext(
         # The MoE is built with the block's activation (GELU) and routes images by their mean
         # position under `routing: image`: ConvNeXt has no [CLS] token.
         moe = build_moe(dim, cfg.moe, image_token="mean", group=expert_group)
+        moe.block_index = index
         block.mlp = SpatialMoE(moe)
     return model
 

@@ -41,6 +41,12 @@ def build_vit(
         global_pool=spec.global_pool,
     )
     image_token = "first" if model.num_prefix_tokens else "mean"
+    height, width = model.patch_embed.grid_size
     for index in cfg.moe_blocks:
-        model.blocks[index].mlp = build_moe(dim, cfg.moe, image_token=image_token, group=expert_group)
+        moe = build_moe(dim, cfg.moe, image_token=image_token, group=expert_group)
+        # Where its tokens sit, for the routing analysis: [CLS] first, then the patch grid.
+        moe.block_index = index
+        moe.prefix_tokens = model.num_prefix_tokens
+        moe.grid = (height, width)
+        model.blocks[index].mlp = moe
     return model

@@ -7,6 +7,7 @@ loop over tokens or experts. :func:`build_moe` picks the backend (this one, or T
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, TypedDict
 
 import torch
@@ -82,7 +83,16 @@ class MoELayer(nn.Module):
     After each forward, ``aux_loss`` holds the unweighted load-balancing loss (zero for
     routers that need none) and ``last_stats`` the :class:`RoutingStats`. With
     ``record_routing`` set, every forward also appends its ``image_counts`` to
-    ``routing_record`` (an evaluation pass's routing, image by image).
+    ``routing_record`` (an evaluation pass's routing, image by image) and its ``[B, T]`` long
+    top expert of every token to ``top_expert_record`` (what :mod:`trainer.analysis` reads;
+    see :meth:`_record` for what "top expert" means for each router). Without it nothing is
+    kept, and the top experts are not even computed.
+
+    Where the tokens sit in the image, for the analysis' spatial maps: the first
+    ``prefix_tokens`` tokens are not image positions (ViT's [CLS]), and the others are the
+    positions of a row-major ``grid`` of (height, width). The ViT builder sets both (and
+    ``block_index``, the block the layer replaces the MLP of); a ConvNeXt ``SpatialMoE`` tells
+    its layer the grid of every feature map it runs on, since stages differ in resolution.
 
     With ``expected_routing`` set (cost accounting only), a token-choice forward computes the
     router and exactly k expert evaluations per token: the FLOPs of the expected routing,
@@ -90,22 +100,37 @@ class MoELayer(nn.Module):
     """
 
     expected_routing: bool = False
+    block_index: int | None = None
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
 
     cfg: MoEConfig
     aux_loss: Tensor | None
     last_stats: RoutingStats | None
     record_routing: bool
     routing_record: list[Tensor]
+    top_expert_record: list[Tensor]
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters of the routed experts (what top-k selects among)."""
         raise NotImplementedError
 
-    def _record(self, stats: RoutingStats, aux_loss: Tensor) -> None:
+    def _record(self, stats: RoutingStats, aux_loss: Tensor, top_expert: Callable[[], Tensor]) -> None:
+        """Keep the forward's loss and statistics; under ``record_routing`` also its routing.
+
+        ``top_expert`` computes, only when recording, the ``[B, T]`` long expert each token's
+        router prefers most (the paper's section 5.6 shows only it, the first of a top-2 choice):
+        token choice, the first choice (the argmax of the router's probabilities, whether or
+        not capacity then dropped it); image routing, the image's first choice for all its
+        tokens; expert choice, the argmax of the token's probabilities over experts, whichever
+        experts then took it; Soft MoE, the expert owning the slot that gives the token its
+        largest dispatch weight (the expert whose input is most made of it).
+        """
         self.aux_loss = aux_loss
         self.last_stats = stats
         if self.record_routing:
             self.routing_record.append(stats["image_counts"])
+            self.top_expert_record.append(top_expert().detach())
 
 
 class MoE(MoELayer):
@@ -142,6 +167,7 @@ class MoE(MoELayer):
         self.last_stats = None
         self.record_routing = False
         self.routing_record = []
+        self.top_expert_record = []
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
@@ -183,6 +209,7 @@ class MoE(MoELayer):
         self._record(
             routing_stats(plan, batch, self.cfg.top_k * batch * tokens, tokens_per_item=1),
             balance_loss(self.cfg.balance_loss, decision, self.router.noise_std),
+            lambda: decision.expert_index[:, 0].view(batch, tokens),
         )
         return out.view(batch, tokens, dim)
 
@@ -200,6 +227,7 @@ class MoE(MoELayer):
         self._record(
             routing_stats(plan, batch, self.cfg.top_k * batch, tokens_per_item=tokens),
             balance_loss(self.cfg.balance_loss, decision, self.router.noise_std),
+            lambda: decision.expert_index[:, :1].expand(batch, tokens),
         )
         return out.view(batch, tokens, dim)
 
@@ -207,10 +235,13 @@ class MoE(MoELayer):
         batch, tokens, dim = x.shape
         flat = x.reshape(batch * tokens, dim)
         capacity = expert_capacity(batch * tokens, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
-        plan = ExpertChoiceDispatcher.plan(self.router(flat), capacity)
+        probs = self.router(flat)
+        plan = ExpertChoiceDispatcher.plan(probs, capacity)
         out = plan.combine(self.experts(plan.dispatch(flat)))
         self._record(
-            routing_stats(plan, batch, batch * tokens, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
+            routing_stats(plan, batch, batch * tokens, tokens_per_item=1),
+            x.new_zeros((), dtype=torch.float32),
+            lambda: probs.argmax(dim=-1).view(batch, tokens),
         )
         return out.view(batch, tokens, dim)
 
@@ -219,7 +250,9 @@ class MoE(MoELayer):
         plan = SoftDispatcher(dispatch_weights, combine_weights, self.cfg.experts)
         out = plan.combine(self.experts(plan.dispatch(x)))
         self._record(
-            routing_stats(plan, x.shape[0], 1, tokens_per_item=1), x.new_zeros((), dtype=torch.float32)
+            routing_stats(plan, x.shape[0], 1, tokens_per_item=1),
+            x.new_zeros((), dtype=torch.float32),
+            lambda: torch.div(dispatch_weights.argmax(dim=2), plan.slots_per_expert, rounding_mode="floor"),
         )
         return out
 

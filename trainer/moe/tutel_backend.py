@@ -122,6 +122,7 @@ class TutelMoE(MoELayer):
         self.last_stats = None
         self.record_routing = False
         self.routing_record = []
+        self.top_expert_record = []
 
     @staticmethod
     def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -157,15 +158,19 @@ class TutelMoE(MoELayer):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [batch, tokens, {self.dim}], but got {tuple(x.shape)}")
         out = self.layer(x)
-        self._record(self._stats(x), out.l_aux)
+        stats, first_choice = self._stats(x)
+        self._record(stats, out.l_aux, lambda: first_choice)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out
 
     @torch.no_grad()
-    def _stats(self, x: Tensor) -> RoutingStats:
-        # Tutel keeps no per-token routing, so replay it from the gate: exact in eval and without
-        # gate noise; with training noise, the noise-free routing of the same tokens.
+    def _stats(self, x: Tensor) -> tuple[RoutingStats, Tensor]:
+        """The forward's statistics, and each token's first choice ``[B, T]`` (its top expert).
+
+        Tutel keeps no per-token routing, so it is replayed from the gate: exact in eval and
+        without gate noise; with training noise, the noise-free routing of the same tokens.
+        """
         batch, tokens, dim = x.shape
         flat = x.reshape(-1, dim).float()
         probs = self.gate(flat).float().softmax(dim=-1)
@@ -173,4 +178,5 @@ class TutelMoE(MoELayer):
         decision = RoutingDecision(expert_index, top_probs, probs, probs, probs, top_probs[:, 0])
         capacity = tutel_capacity(batch * tokens, self.cfg.experts, self.cfg.top_k, self.cfg.capacity_factor)
         plan = TokenDispatcher.plan(decision, min(capacity, batch * tokens), self.cfg.batch_prioritized)
-        return routing_stats(plan, batch, self.cfg.top_k * batch * tokens, capacity=capacity)
+        stats = routing_stats(plan, batch, self.cfg.top_k * batch * tokens, capacity=capacity)
+        return stats, expert_index[:, 0].view(batch, tokens)
