@@ -34,7 +34,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_folder_needs_a_root_and_classes_and_mnist_takes_neither() -> None:
     with pytest.raises(ValidationError, match="dataset 'folder' needs root and num_classes"):
         DataConfig(dataset="folder")
-    with pytest.raises(ValidationError, match="root only apply to dataset 'folder'"):
+    with pytest.raises(ValidationError, match=r"root only apply to image-file datasets \('folder', 'hf'\)"):
         DataConfig(root="/data")
 
 
@@ -55,8 +55,10 @@ def test_folder_shapes_and_sizes_come_from_the_config_and_the_tree(
 def test_folder_mismatches_are_clear_errors(folder: Path) -> None:
     with pytest.raises(ValueError, match="num_classes is 5, but .* has 3 class folders"):
         load_datasets(DataConfig(dataset="folder", root=str(folder), num_classes=5))
-    with pytest.raises(FileNotFoundError, match="no train/ folder"):
+    with pytest.raises(FileNotFoundError, match="missing'.* is not a folder"):
         load_datasets(DataConfig(dataset="folder", root=str(folder / "missing"), num_classes=3))
+    with pytest.raises(FileNotFoundError, match="has no train/ folder"):
+        load_datasets(DataConfig(dataset="folder", root=str(folder / "train"), num_classes=3))
 
 
 def test_a_moe_trial_trains_on_a_folder_dataset(folder: Path, tmp_path: Path) -> None:
