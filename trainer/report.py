@@ -51,6 +51,7 @@ class LocalReporter:
 
     def __init__(self, out_dir: Path, rank: int = 0) -> None:
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         sink = self.out_dir / "metrics.jsonl"
         lines = sink.read_text().splitlines() if sink.is_file() else []
