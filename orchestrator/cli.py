@@ -66,10 +66,30 @@ def _load(path: Path) -> tuple[StudySpec, list[Trial]]:
         raise typer.Exit(2) from None
 
 
+def _check_data(path: Path, trials: list[Trial]) -> None:
+    """Exit 2 before anything starts when data this machine can see is missing or malformed."""
+    from trainer.data import check_data
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for trial in trials:
+        key = trial.config.data.model_dump_json()
+        if key not in seen:
+            seen.add(key)
+            problems += [p for p in check_data(trial.config.data) if p not in problems]
+    for problem in problems:
+        err.print("[red]error[/red] ", end="")
+        err.print(f"{path}: data: {problem}", markup=False)
+    if problems:
+        err.print(f"{path}: {len(problems)} data problem(s); nothing was run.", markup=False)
+        raise typer.Exit(2)
+
+
 @app.command()
 def validate(study: StudyPath) -> None:
     """Check a study file: schema, axes and every expanded trial. Exit 2 on any problem."""
     spec, trials = _load(study)
+    _check_data(study, trials)
     configs = len({t.name for t in trials})
     out.print(f"[green]ok[/green] {study}: study '{spec.name}', {len(trials)} trials ({configs} configurations × seeds)")
 
@@ -151,9 +171,17 @@ def run(
 ) -> None:
     """Run every trial of the study that is not FINISHED yet, then print the result table."""
     from orchestrator.launch import ResourceError, run_study
+    from orchestrator.lineage import LineageError, resolve_inits
     from orchestrator.tracking import StudyStore
 
     spec, trials = _load(study)
+    _check_data(study, trials)
+    try:
+        inits = resolve_inits(trials)
+    except LineageError as error:
+        err.print(f"[red]error[/red] {study}: ", end="")
+        err.print(str(error), markup=False)
+        raise typer.Exit(2) from None
     if not verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         # Tune logs a failed trial's whole traceback and advises Tuner.restore after Ctrl-C; we print
@@ -171,7 +199,7 @@ def run(
     try:
         outcome = run_study(
             spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
-            retry_failed=retry_failed, on_event=_progress(len(trials)),
+            retry_failed=retry_failed, inits=inits, on_event=_progress(len(trials)),
         )
     except ResourceError as error:
         err.print(f"[red]error[/red] {study}: resources: {error}")

@@ -22,8 +22,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.expand import Trial
+from orchestrator.lineage import InitSource, train_run_name
 from orchestrator.spec import ResourcesSpec, StudySpec
-from orchestrator.tracking import MLflowTracking, StudyStore
+from orchestrator.tracking import TAG_INIT_CHECKPOINT, TAG_INIT_TRIAL, MLflowTracking, StudyStore
 from trainer.loop import worker
 
 # The Tune trial itself only waits on its TorchTrainer; the workers hold the real reservation.
@@ -51,12 +52,12 @@ class ResourceError(RuntimeError):
     """A trial can never be scheduled on this cluster."""
 
 
-def run_trial(config: dict[str, Any], resources: ResourcesSpec, storage: str) -> None:
+def run_trial(config: dict[str, Any], resources: ResourcesSpec, storage: str, max_failures: int) -> None:
     """Tune function trainable: train one trial through Ray Train."""
     payload = config["sweetspot"]
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"trial": payload["trial"]},
+        train_loop_config={"trial": payload["trial"], "init_checkpoint": payload.get("init_checkpoint")},
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
@@ -67,9 +68,11 @@ def run_trial(config: dict[str, Any], resources: ResourcesSpec, storage: str) ->
             },
         ),
         run_config=ray.train.RunConfig(
-            name=f"trial-{payload['hash'][:16]}",
+            name=train_run_name(payload["hash"]),
             storage_path=storage,
             callbacks=[TuneReportCallback()],
+            # A lost worker (or an error) restarts the worker group from the last checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -103,9 +106,13 @@ def run_study(
     dashboard: bool = False,
     verbose: bool = False,
     retry_failed: bool = False,
+    inits: dict[str, InitSource] | None = None,
     on_event: Callable[[str, Trial, dict[str, Any]], None] | None = None,
 ) -> StudyOutcome:
     """Run every trial not yet FINISHED in MLflow (FAILED ones only with ``retry_failed``).
+
+    ``inits``: the start checkpoints of fine-tuning / linear-probe trials (from
+    :func:`orchestrator.lineage.resolve_inits`), by trial hash.
 
     Uses the Ray that is already initialised (tests, notebooks), else starts a local one
     (or joins ``address``) and shuts it down afterwards.
@@ -134,7 +141,9 @@ def run_study(
             log_to_driver=verbose,
             logging_level=logging.INFO if verbose else logging.WARNING,
         )
-    tracking = MLflowTracking(store, parent, {t.hash: t for t in todo}, on_event)
+    inits = inits or {}
+    tags = {trial_hash: _init_tags(source) for trial_hash, source in inits.items()}
+    tracking = MLflowTracking(store, parent, {t.hash: t for t in todo}, on_event, tags)
     try:
         concurrency = check_fits(spec.resources, ray.cluster_resources())
         if spec.resources.max_concurrent_trials:
@@ -142,12 +151,14 @@ def run_study(
         storage = spec.output_dir / "ray"
         storage.mkdir(parents=True, exist_ok=True)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, resources=spec.resources, storage=str(storage / "train")),
+            tune.with_parameters(
+                run_trial, resources=spec.resources, storage=str(spec.train_storage), max_failures=spec.max_failures
+            ),
             {"CPU": TRIAL_DRIVER_CPUS},
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={"sweetspot": tune.grid_search([_payload(t) for t in todo])},
+            param_space={"sweetspot": tune.grid_search([_payload(t, inits.get(t.hash)) for t in todo])},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrency,
                 trial_name_creator=_tune_trial_name,
@@ -180,8 +191,20 @@ def run_study(
     return outcome
 
 
-def _payload(trial: Trial) -> dict[str, Any]:
-    return {"hash": trial.hash, "name": trial.name, "trial": trial.config.model_dump(mode="json")}
+def _payload(trial: Trial, init: InitSource | None) -> dict[str, Any]:
+    return {
+        "hash": trial.hash,
+        "name": trial.name,
+        "trial": trial.config.model_dump(mode="json"),
+        "init_checkpoint": str(init.checkpoint.resolve()) if init else None,
+    }
+
+
+def _init_tags(source: InitSource) -> dict[str, str]:
+    tags = {TAG_INIT_CHECKPOINT: str(source.checkpoint.resolve())}
+    if source.trial_hash:
+        tags[TAG_INIT_TRIAL] = f"{source.study}:{source.trial_hash}"
+    return tags
 
 
 def _tune_trial_name(tune_trial: Any) -> str:
@@ -190,4 +213,4 @@ def _tune_trial_name(tune_trial: Any) -> str:
 
 
 def _tune_trial_dir(tune_trial: Any) -> str:
-    return f"trial-{tune_trial.config['sweetspot']['hash'][:16]}"
+    return train_run_name(tune_trial.config["sweetspot"]["hash"])

@@ -78,6 +78,8 @@ class StudySpec(_Strict):
         cases: explicit override sets, each crossed with the grid (default: one empty case).
         exclude: drop trials whose axes match every entry of a rule (a value or a list of values).
         seeds: one trial per configuration and seed.
+        max_failures: restarts a trial gets after a failure (a worker process or node lost, an
+            error), each resuming from its last checkpoint; then it is FAILED.
         resources: workers and devices per trial, concurrency.
         tracking: MLflow location.
         output: folder for the tracking store, Ray results and checkpoints; default ``runs/<name>``.
@@ -91,6 +93,7 @@ class StudySpec(_Strict):
     cases: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    max_failures: int = Field(1, ge=0)
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
     output: str | None = None
@@ -99,6 +102,11 @@ class StudySpec(_Strict):
     @property
     def output_dir(self) -> Path:
         return Path(self.output if self.output is not None else f"runs/{self.name}").resolve()
+
+    @property
+    def train_storage(self) -> Path:
+        """Ray Train's storage: one run folder per trial, holding its checkpoints."""
+        return self.output_dir / "ray" / "train"
 
     @property
     def tracking_uri(self) -> str:

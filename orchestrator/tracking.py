@@ -24,6 +24,7 @@ from orchestrator.expand import Trial
 from orchestrator.spec import StudySpec
 from trainer.config import flatten
 from trainer.data import input_spec
+from trainer.loop import ROUTING_FILE
 from trainer.models.accounting import model_cost
 
 TAG_KIND = "sweetspot.kind"
@@ -34,6 +35,10 @@ TAG_SEED = "sweetspot.seed"
 TAG_ERROR = "sweetspot.error"
 TAG_AXIS = "sweetspot.axis."
 TAG_PARENT = "mlflow.parentRunId"
+TAG_INIT_CHECKPOINT = "sweetspot.init_checkpoint"
+TAG_INIT_TRIAL = "sweetspot.init_trial"
+# Files a worker leaves next to its last checkpoint that belong in the trial's MLflow artifacts.
+CHECKPOINT_ARTIFACTS = (ROUTING_FILE,)
 # Text a worker reports about how it ran (not a metric): result key → run tag.
 RESULT_TAGS = {"moe_backend": "sweetspot.moe_backend"}
 
@@ -175,6 +180,7 @@ class MLflowTracking(tune.Callback):
         parent_run_id: the study run that trials nest under.
         trials: the study's trials by hash (Tune configs carry only the hash back).
         on_event: called with (event, trial, details) for terminal progress output.
+        tags: extra run tags by trial hash (e.g. where a fine-tuning trial started from).
     """
 
     def __init__(
@@ -183,8 +189,10 @@ class MLflowTracking(tune.Callback):
         parent_run_id: str,
         trials: dict[str, Trial],
         on_event: Callable[[str, Trial, dict[str, Any]], None] | None = None,
+        tags: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.store = store
+        self.tags = tags or {}
         self.parent_run_id = parent_run_id
         self.trials = trials
         self.on_event = on_event or (lambda *_: None)
@@ -206,6 +214,8 @@ class MLflowTracking(tune.Callback):
         run_id = self.store.start_trial(ours, self.parent_run_id)
         self.run_ids[ours.hash] = run_id
         self.logged[ours.hash] = self.store.logged_epochs(run_id)
+        if ours.hash in self.tags:
+            self.store.set_tags(run_id, self.tags[ours.hash])
         self.on_event("start", ours, {})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -227,6 +237,12 @@ class MLflowTracking(tune.Callback):
         tags = {tag: str(result[key]) for key, tag in RESULT_TAGS.items() if key in result}
         if tags:
             self.store.set_tags(self.run_ids[ours.hash], tags)
+        checkpoint = result.get("checkpoint_path")
+        if checkpoint:
+            # Ray's storage is a local or mounted filesystem here; an object-store URI is skipped.
+            for name in CHECKPOINT_ARTIFACTS:
+                if (Path(str(checkpoint)) / name).is_file():
+                    self.store.client.log_artifact(self.run_ids[ours.hash], str(Path(str(checkpoint)) / name))
         self.on_event("epoch", ours, {"epoch": epoch, **metrics})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -31,6 +31,7 @@ cases:
   - {{placement: none}}
   - {{placement: last2}}
   - {{placement: last2, train_samples: 4001}}  # valid config, fails in the workers: 4,000 images
+max_failures: 0               # the failing trial fails the same way every time: no restart
 resources:
   workers: 2
   cpus_per_worker: 0.5
