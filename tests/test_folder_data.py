@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,37 @@ def test_a_moe_trial_trains_on_a_folder_dataset(folder: Path, tmp_path: Path) ->
     train(trial, reporter)
     [metrics] = reporter.history
     assert 0 <= metrics["val_top1"] <= 100 and metrics["train_loss"] > 0
+
+
+def test_a_paper_recipe_trains_on_images_and_scores_an_ood_subset_with_routing_analysis(
+    folder: Path, tmp_path: Path
+) -> None:
+    """The convnext-in1k preset's real image pipeline (RandAugment, erasing, mixup/cutmix), then an
+    OOD set holding 2 of the 3 classes, scored with logits restricted to those 2."""
+    shifted = tmp_path / "shifted"
+    for name in ("class_1", "class_2"):
+        shutil.copytree(folder / "validation" / name, shifted / name)
+    trial = TrialConfig.model_validate(
+        {
+            "model": {"backbone": "vit_mini", "placement": "last2", "moe": {"experts": 4, "top_k": 1}},
+            "data": {
+                "dataset": "folder",
+                "root": str(folder),
+                "img_size": 28,
+                "num_classes": 3,
+                "ood": [{"kind": "folder", "root": str(shifted), "name": "shifted"}],
+            },
+            "recipe": {"preset": "convnext-in1k", "epochs": 2, "batch_size": 8, "warmup_epochs": 0},
+        }
+    )
+    reporter = LocalReporter(tmp_path / "out")
+    train(trial, reporter)
+    first, last = reporter.history
+    assert "ood_shifted_top1" not in first  # scored once, after the last epoch
+    assert 0 <= last["ood_shifted_top1"] <= 100
+    # Two classes present: the two surviving logits are the whole top-5.
+    assert last["ood_shifted_top5"] == 100
+    with np.load(tmp_path / "out" / "checkpoint" / "routing.npz") as routing:
+        assert list(routing["layers"]) == ["block3", "block5"]  # vit_mini (6 blocks): Last 2
+        assert routing["block5/class_counts"].shape == (3, 4)
+        assert int(routing["images"]) == 6  # the validation split

@@ -82,3 +82,20 @@ def test_standalone_entry_point_trains_from_a_trial_json(tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["epoch"] == 1
+
+
+def test_torchrun_trains_one_trial_on_two_gloo_processes_with_sharded_experts(tmp_path: Path) -> None:
+    trial = tmp_path / "trial.json"
+    trial.write_text(TrialConfig.model_validate({**TINY, "recipe": {**TINY["recipe"], "epochs": 1}}).model_dump_json())
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "trainer", "--trial", str(trial), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # rank 0 reports, once per epoch
+    metrics = json.loads(lines[0])
+    assert metrics["epoch"] == 1 and 0 <= metrics["val_top1"] <= 100
+    assert (out / "checkpoint" / "state.pt").is_file() and (out / "checkpoint" / "routing.npz").is_file()
