@@ -52,6 +52,11 @@ class TableFormat(str, Enum):
     csv = "csv"
 
 
+class StatusFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
 def _load(path: Path) -> tuple[StudySpec, list[Trial]]:
     """The study and its trials, or exit 2 with one located line per problem."""
     try:
@@ -102,13 +107,20 @@ def plan(
         bool, typer.Option(help="Also time inference of each model here and estimate training hours.")
     ] = False,
     device: Annotated[str, typer.Option(help="Device for --measure: cpu or cuda.")] = "cpu",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI for the State column; default: the study's store.")
+    ] = None,
 ) -> None:
     """List the trials a study expands to, with params, active params, FLOPs and cost, without running them."""
     from orchestrator.plan import plan as plan_trials
+    from orchestrator.status import open_store, trial_states
 
     spec, trials = _load(study)
     plans = plan_trials(trials, measure=measure, device=device)
-    rows = [p.row() for p in plans]
+    # Where the study ran before, each trial's state (done, partial, ...); never creates a store.
+    store = open_store(spec, tracking_uri)
+    states = trial_states(trials, store)
+    rows = [p.row() | {"state": states[p.trial.hash]} for p in plans]
     if format is PlanFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -125,15 +137,20 @@ def plan(
         groups.setdefault(key, []).append(row)
     table = Table(title=f"{spec.name}: {len(trials)} trials", title_justify="left")
     table.add_column("Architecture", overflow="fold", ratio=2, min_width=22)
-    headings = ["Seeds", "Params M", "Active M", "GFLOPs", "Train PFLOP"] + (["Img/s", "Est. h"] if measure else [])
+    table.add_column("Seeds", justify="right", no_wrap=True)
+    if store is not None:  # before the first run every trial is new: the column would say nothing
+        table.add_column("State", no_wrap=True)
+    headings = ["Params M", "Active M", "GFLOPs", "Train PFLOP"] + (["Img/s", "Est. h"] if measure else [])
     for heading in headings:
         table.add_column(heading, justify="right", no_wrap=True)
     table.add_column("Axes", overflow="fold", ratio=1)
     for members in groups.values():
         first = members[0]
         cells = [
-            first["name"], str(len(members)), f"{first['params_total'] / 1e6:.2f}",
-            f"{first['params_active'] / 1e6:.2f}", f"{first['gflops']:.3g}",
+            first["name"], str(len(members)),
+            *([_states_cell([m["state"] for m in members])] if store is not None else []),
+            f"{first['params_total'] / 1e6:.2f}", f"{first['params_active'] / 1e6:.2f}",
+            f"{first['gflops']:.3g}",
             _sum((m["train_pflop"] for m in members), "{:.3g}"),
         ]  # fmt: skip
         if measure:
@@ -148,6 +165,20 @@ def plan(
     if any(r["train_pflop"] is None for r in rows):
         total += "\n? = the dataset is not visible from here, so its images could not be counted"
     out.print(total)
+
+
+def _states_cell(states: list[str]) -> str:
+    """One configuration's seeds: their state when they agree, else how many are in each."""
+    from orchestrator.status import STATES
+
+    if len(set(states)) == 1:
+        return _styled_state(states[0])
+    return ", ".join(f"{states.count(s)} {_styled_state(s)}" for s in STATES if s in states)
+
+
+def _styled_state(state: str) -> str:
+    style = {"done": "green", "running": "cyan", "partial": "yellow", "failed": "red", "new": "dim"}[state]
+    return f"[{style}]{state}[/{style}]"
 
 
 def _sum(values: Iterable[float | None], fmt: str) -> str:
@@ -212,8 +243,9 @@ def run(
         out.print(f"{len(outcome.skipped)} trials already FINISHED in MLflow: skipped.")
     if outcome.previously_failed:
         out.print(f"{len(outcome.previously_failed)} trials FAILED before: skipped (--retry-failed runs them again).")
+    stopped = f" ({len(outcome.stopped)} stopped early)" if outcome.stopped else ""
     out.print(
-        f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, "
+        f"{len(outcome.finished)} finished{stopped}, {len(outcome.failed)} failed, "
         f"{len(outcome.incomplete)} incomplete in {elapsed:.0f} s."
     )
     _print_table(spec, trials, store)
@@ -254,6 +286,137 @@ def table(
         out.print(f"wrote {output}")
     else:
         sys.stdout.write(text)
+
+
+@app.command()
+def status(
+    study: StudyPath,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until every trial is done or failed.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", min=0.1)] = 5.0,
+    format: Annotated[StatusFormat, typer.Option("--format", "-f", help="Output format (json: once).")] = (
+        StatusFormat.table
+    ),
+) -> None:
+    """Show each trial's state, epoch, metrics, elapsed time and ETA (from MLflow, also while `run` runs)."""
+    from orchestrator.status import StatusReader, open_store
+
+    spec, trials = _load(study)
+    store = open_store(spec, tracking_uri)
+    if store is None:
+        err.print(f"no results for study '{spec.name}' yet: run `sweetspot run {study}` first.")
+        raise typer.Exit(1)
+    reader = StatusReader(spec, trials, store)
+    if format is StatusFormat.json:
+        sys.stdout.write(json.dumps(reader.read().to_json(), indent=2) + "\n")
+        return
+    if not watch:
+        out.print(_status_view(reader.read()))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                current = reader.read()
+                live.update(_status_view(current), refresh=True)
+                if current.settled:
+                    return
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a watch ends: not an error
+
+
+def _status_view(status: Any) -> Any:
+    """The summary line first (it stays on screen when a long table is cropped), the table, the errors."""
+    from rich.console import Group
+    from rich.measure import Measurement
+
+    table = _status_table(status, show_hash=True)
+    if Measurement.get(out, out.options.update_width(10_000), table).maximum > out.width:
+        table = _status_table(status, show_hash=False)  # a narrow terminal: names before hashes
+    errors = [
+        f"[red]failed[/red] {escape(row.name)} seed {row.seed}: {escape(row.error)}"
+        for row in status.trials
+        if row.error
+    ]
+    return Group(escape(status.summary()), table, *errors)
+
+
+def _status_table(status: Any, show_hash: bool) -> Table:
+    from dashboards.tables import HEADINGS
+    from orchestrator.status import format_duration
+
+    table = Table(title=f"{status.study}: {len(status.trials)} trials", title_justify="left")
+    table.add_column("Architecture", overflow="fold", min_width=16)
+    table.add_column("Seed", justify="right", no_wrap=True)
+    if show_hash:
+        table.add_column("Hash", no_wrap=True)
+    table.add_column("State", no_wrap=True)
+    table.add_column("Epoch", justify="right", no_wrap=True)
+    for metric in status.metrics:
+        table.add_column(HEADINGS.get(metric, metric), justify="right")
+    table.add_column("Elapsed", justify="right", no_wrap=True)
+    table.add_column("ETA", justify="right", no_wrap=True)
+    for row in status.trials:
+        metrics = [_metric_cell(metric, row.metrics[metric]) for metric in status.metrics]
+        table.add_row(
+            escape(row.name), str(row.seed), *([row.hash] if show_hash else []), _styled_state(row.state),
+            f"{row.epoch}/{row.epochs_total}", *metrics, format_duration(row.elapsed_s),
+            format_duration(row.eta_s),
+        )  # fmt: skip
+    return table
+
+
+def _metric_cell(metric: str, value: float | None) -> str:
+    """As in the result table: images/s without decimals, the rest with two."""
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if metric.endswith("images_per_s") else f"{value:.2f}"
+
+
+@app.command()
+def ui(
+    study: StudyPath,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address the MLflow UI listens on.")] = "127.0.0.1",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """Start the MLflow UI on the study's store and print the address of its experiment."""
+    from orchestrator.status import open_store
+
+    spec, _ = _load(study)
+    uri = tracking_uri or spec.tracking_uri
+    store = open_store(spec, tracking_uri)
+    if store is None:
+        err.print(f"no results for study '{spec.name}' yet: run `sweetspot run {study}` first.")
+        raise typer.Exit(1)
+    if uri.startswith(("http://", "https://")):
+        # A tracking server already serves the UI: there is nothing to start.
+        out.print(f"{uri.rstrip('/')}/#/experiments/{store.experiment_id}", markup=False)
+        return
+    out.print(f"{spec.name}: {experiment_url(host, port, store.experiment_id)}", markup=False)
+    argv = ui_argv(uri, host, port)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # the UI replaces this process: Ctrl-C stops it
+
+
+def ui_argv(uri: str, host: str, port: int) -> list[str]:
+    """``mlflow ui`` on the study's store, with this environment's mlflow when there is one (a venv
+    that is not activated has it next to its python, not on PATH)."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return [str(beside) if beside.is_file() else "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", host, "--port", str(port)]  # fmt: skip
+
+
+def experiment_url(host: str, port: int, experiment_id: str) -> str:
+    """Where a browser finds the experiment (a UI listening on every address is reached locally)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/#/experiments/{experiment_id}"
 
 
 def _store_exists(spec: StudySpec, tracking_uri: str | None) -> bool:
