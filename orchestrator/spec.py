@@ -10,9 +10,11 @@ its dotted path (``model.moe.experts``) or, when unambiguous, by its last part
 from __future__ import annotations
 
 import difflib
+import math
 from functools import cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -67,6 +69,62 @@ class TableSpec(_Strict):
     metrics: list[str] = Field(default_factory=lambda: ["val_top1"], min_length=1)
 
 
+class SchedulerSpec(_Strict):
+    """Early stopping by comparing trials: a trial that falls behind the others is stopped.
+
+    ``asha`` is Ray Tune's ASHA (``ASHAScheduler``, asynchronous successive halving) with the
+    epoch as its clock: at ``grace_period``, ``grace_period × reduction_factor``,
+    ``grace_period × reduction_factor²``, … epochs, a trial continues only if its ``metric`` is
+    among the best ``1 / reduction_factor`` of the trials that reached that epoch so far. The
+    last epoch is that of the longest trial of the study.
+
+    Attributes:
+        kind: the scheduler; ``asha`` is the only one.
+        metric: the metric compared, one the trials report every epoch (``val_top1``,
+            ``val_loss``, …). At an epoch that does not report it, no trial is stopped.
+        mode: ``max`` (higher is better, e.g. ``val_top1``) or ``min`` (e.g. ``val_loss``).
+        grace_period: epochs every trial trains before it can be stopped (>= 1).
+        reduction_factor: how selective each rung is (>= 2): 1 in ``reduction_factor`` trials
+            continues past it.
+    """
+
+    kind: Literal["asha"] = "asha"
+    metric: str = Field(min_length=1)
+    mode: Literal["max", "min"]
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(4, ge=2)
+
+
+class StopSpec(_Strict):
+    """A rule that stops every trial once its metric reaches a threshold.
+
+    Attributes:
+        metric: the metric tested after every epoch (any metric the trials report).
+        mode: ``max``: stop once ``metric >= threshold``; ``min``: once ``metric <= threshold``.
+        threshold: the value that is good enough.
+    """
+
+    metric: str = Field(min_length=1)
+    mode: Literal["max", "min"]
+    threshold: float
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def met(self, result: dict[str, Any]) -> bool:
+        """Whether ``result`` (one epoch's metrics) reaches the threshold; False when it lacks the metric."""
+        value = result.get(self.metric)
+        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+            return False
+        return value >= self.threshold if self.mode == "max" else value <= self.threshold
+
+    def describe(self) -> str:
+        """``val_top1 >= 99``."""
+        return f"{self.metric} {'>=' if self.mode == 'max' else '<='} {self.threshold:g}"
+
+
 class StudySpec(_Strict):
     """One study file.
 
@@ -81,6 +139,9 @@ class StudySpec(_Strict):
         max_failures: restarts a trial gets after a failure (a worker process or node lost, an
             error), each resuming from its last checkpoint; then it is FAILED.
         resources: workers and devices per trial, concurrency.
+        scheduler: optional early stopping of trials that fall behind the others (ASHA); default
+            none: every trial runs all its epochs.
+        stop: optional rule that stops any trial once a metric reaches a threshold.
         tracking: MLflow location.
         output: folder for the tracking store, Ray results and checkpoints; default ``runs/<name>``.
         table: the result table's columns.
@@ -95,6 +156,8 @@ class StudySpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     max_failures: int = Field(1, ge=0)
     resources: ResourcesSpec = ResourcesSpec()
+    scheduler: SchedulerSpec | None = None
+    stop: StopSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
     output: str | None = None
     table: TableSpec = TableSpec()
@@ -208,12 +271,21 @@ def _did_you_mean(source: Source, loc: tuple[PathKey, ...]) -> str:
     model: Any = StudySpec
     for key in loc[:-1]:
         field = model.model_fields.get(key) if isinstance(key, str) else None
-        annotation = field.annotation if field else None
+        annotation = _optional_model(field.annotation) if field else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _optional_model(annotation: Any) -> Any:
+    """``SchedulerSpec | None`` → ``SchedulerSpec``; any other annotation unchanged."""
+    if get_origin(annotation) in (Union, UnionType):
+        models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+    return annotation
 
 
 def _check_axes(spec: StudySpec, source: Source) -> list[Problem]:

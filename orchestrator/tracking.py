@@ -8,6 +8,7 @@ which keeps sqlite safe and the tracking server out of the training hot path).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from orchestrator.expand import Trial
-from orchestrator.spec import StudySpec
+from orchestrator.spec import SchedulerSpec, StopSpec, StudySpec
 from trainer.config import flatten
 from trainer.data import input_spec
 from trainer.loop import ROUTING_FILE
@@ -37,6 +38,9 @@ TAG_AXIS = "sweetspot.axis."
 TAG_PARENT = "mlflow.parentRunId"
 TAG_INIT_CHECKPOINT = "sweetspot.init_checkpoint"
 TAG_INIT_TRIAL = "sweetspot.init_trial"
+TAG_STOPPED_EARLY = "sweetspot.stopped_early"
+TAG_STOP_REASON = "sweetspot.stop_reason"
+TAG_STOP_WARNING = "sweetspot.stop_warning"
 # Files a worker leaves next to its last checkpoint that belong in the trial's MLflow artifacts.
 CHECKPOINT_ARTIFACTS = (ROUTING_FILE,)
 # Text a worker reports about how it ran (not a metric): result key → run tag.
@@ -45,6 +49,8 @@ RESULT_TAGS = {"moe_backend": "sweetspot.moe_backend"}
 # Tune's bookkeeping keys in a result; everything else numeric came from the worker.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "checkpoint_path", "epoch"}
 _MLFLOW_TAG_LIMIT = 5000
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,8 +185,17 @@ class MLflowTracking(tune.Callback):
         store: the study's MLflow experiment.
         parent_run_id: the study run that trials nest under.
         trials: the study's trials by hash (Tune configs carry only the hash back).
-        on_event: called with (event, trial, details) for terminal progress output.
+        on_event: called with (event, trial, details) for terminal progress output; a trial
+            stopped early is ``"finished"`` with ``details["stopped_early"]`` = the reason.
         tags: extra run tags by trial hash (e.g. where a fine-tuning trial started from).
+        scheduler, stop: the study's early stopping, to name the reason a trial was stopped.
+
+    Early stopping: when the study's stop rule or scheduler decides to stop a trial after a
+    result, Tune marks that result ``done`` *before* it calls ``on_trial_result``, and later
+    calls ``on_trial_complete``. A ``done`` result whose epoch is below the trial's
+    ``recipe.epochs`` is a stop decision; the trial is then FINISHED with the tags
+    ``sweetspot.stopped_early=true`` and ``sweetspot.stop_reason``. A trial that completes short
+    of its epochs without such a decision (nothing should do that) is FAILED, not silently done.
     """
 
     def __init__(
@@ -190,6 +205,9 @@ class MLflowTracking(tune.Callback):
         trials: dict[str, Trial],
         on_event: Callable[[str, Trial, dict[str, Any]], None] | None = None,
         tags: dict[str, dict[str, str]] | None = None,
+        *,
+        scheduler: SchedulerSpec | None = None,
+        stop: StopSpec | None = None,
     ) -> None:
         self.store = store
         self.tags = tags or {}
@@ -200,6 +218,11 @@ class MLflowTracking(tune.Callback):
         self.logged: dict[str, set[int]] = {}
         self.outcomes: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.scheduler = scheduler
+        self.stop = stop
+        self.stopped: dict[str, str] = {}  # hash → why it was stopped early
+        self._stop_decisions: dict[str, str] = {}
+        self._warned: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment snapshot. The
@@ -221,6 +244,8 @@ class MLflowTracking(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         ours = self._trial(trial)
         epoch = result.get("epoch")
+        if epoch is not None:
+            self._note_early_stopping(ours, result, int(epoch))
         # A resumed trial re-reports its checkpoint's epoch: keep MLflow's history free of duplicates.
         if epoch is None or int(epoch) in self.logged[ours.hash]:
             return
@@ -245,11 +270,54 @@ class MLflowTracking(tune.Callback):
                     self.store.client.log_artifact(self.run_ids[ours.hash], str(Path(str(checkpoint)) / name))
         self.on_event("epoch", ours, {"epoch": epoch, **metrics})
 
+    def _note_early_stopping(self, ours: Trial, result: dict, epoch: int) -> None:
+        """Record a stop decision on this result (before the duplicate check: a resumed trial's
+        first result repeats its checkpoint's epoch and can be the one it is stopped on)."""
+        for rule in (self.scheduler, self.stop):
+            if rule is not None and rule.metric not in result and rule.metric not in self._warned:
+                self._warned.add(rule.metric)
+                key = "scheduler" if rule is self.scheduler else "stop"
+                warning = (
+                    f"{key}.metric {rule.metric!r} is not among the metrics trial {ours.name!r} reported "
+                    f"at epoch {epoch}, so it cannot stop trials on it"
+                )
+                logger.warning("sweetspot: %s", warning)
+                self.store.set_tags(self.run_ids[ours.hash], {TAG_STOP_WARNING: warning})
+        if result.get("done") and epoch < ours.config.recipe.epochs and ours.hash not in self._stop_decisions:
+            self._stop_decisions[ours.hash] = self._stop_reason(result, epoch)
+
+    def _stop_reason(self, result: dict, epoch: int) -> str:
+        # Tune asks the stopper first and the scheduler only when the stopper lets the trial go on.
+        if self.stop is not None and self.stop.met(result):
+            return f"stop rule {self.stop.describe()} at epoch {epoch}"
+        if self.scheduler is not None:
+            return f"{self.scheduler.kind} at epoch {epoch}"
+        return f"stopped by Ray Tune at epoch {epoch}"
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         ours = self._trial(trial)
-        self.store.finish(self.run_ids[ours.hash], "FINISHED")
+        run_id = self.run_ids[ours.hash]
+        reason = self._stop_decisions.get(ours.hash)
+        last_epoch = max(self.logged[ours.hash], default=0)
+        total = ours.config.recipe.epochs
+        if reason is None and last_epoch < total:
+            error = (
+                f"the trial ended after epoch {last_epoch} of {total} without an error or an early-stopping "
+                "decision (see the Ray logs)"
+            )
+            self.store.finish(run_id, "FAILED", error)
+            self.outcomes[ours.hash] = "FAILED"
+            self.errors[ours.hash] = error
+            self.on_event("failed", ours, {"error": error})
+            return
+        details = {}
+        if reason is not None:
+            self.store.set_tags(run_id, {TAG_STOPPED_EARLY: "true", TAG_STOP_REASON: reason})
+            self.stopped[ours.hash] = reason
+            details["stopped_early"] = reason
+        self.store.finish(run_id, "FINISHED")
         self.outcomes[ours.hash] = "FINISHED"
-        self.on_event("finished", ours, {})
+        self.on_event("finished", ours, details)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         ours = self._trial(trial)
