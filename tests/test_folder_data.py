@@ -62,20 +62,19 @@ def test_folder_mismatches_are_clear_errors(folder: Path) -> None:
         load_datasets(DataConfig(dataset="folder", root=str(folder / "train"), num_classes=3))
 
 
-def test_a_moe_trial_trains_on_a_folder_dataset(folder: Path, tmp_path: Path) -> None:
-    trial = TrialConfig.model_validate(
+def _folder_trial(folder: Path, data: dict, recipe: dict) -> TrialConfig:
+    """A 4-expert ViT-Mini MoE trial on the 3-class folder dataset at 28 px."""
+    return TrialConfig.model_validate(
         {
             "model": {"backbone": "vit_mini", "placement": "last2", "moe": {"experts": 4, "top_k": 1}},
-            "data": {
-                "dataset": "folder",
-                "root": str(folder),
-                "img_size": 28,
-                "num_classes": 3,
-                "train_samples": 16,
-            },
-            "recipe": {"epochs": 1, "batch_size": 8},
+            "data": {"dataset": "folder", "root": str(folder), "img_size": 28, "num_classes": 3, **data},
+            "recipe": recipe,
         }
     )
+
+
+def test_a_moe_trial_trains_on_a_folder_dataset(folder: Path, tmp_path: Path) -> None:
+    trial = _folder_trial(folder, {"train_samples": 16}, {"epochs": 1, "batch_size": 8})
     reporter = LocalReporter(tmp_path)
     train(trial, reporter)
     [metrics] = reporter.history
@@ -90,18 +89,10 @@ def test_a_paper_recipe_trains_on_images_and_scores_an_ood_subset_with_routing_a
     shifted = tmp_path / "shifted"
     for name in ("class_1", "class_2"):
         shutil.copytree(folder / "validation" / name, shifted / name)
-    trial = TrialConfig.model_validate(
-        {
-            "model": {"backbone": "vit_mini", "placement": "last2", "moe": {"experts": 4, "top_k": 1}},
-            "data": {
-                "dataset": "folder",
-                "root": str(folder),
-                "img_size": 28,
-                "num_classes": 3,
-                "ood": [{"kind": "folder", "root": str(shifted), "name": "shifted"}],
-            },
-            "recipe": {"preset": "convnext-in1k", "epochs": 2, "batch_size": 8, "warmup_epochs": 0},
-        }
+    trial = _folder_trial(
+        folder,
+        {"ood": [{"kind": "folder", "root": str(shifted), "name": "shifted"}]},
+        {"preset": "convnext-in1k", "epochs": 2, "batch_size": 8, "warmup_epochs": 0},
     )
     reporter = LocalReporter(tmp_path / "out")
     train(trial, reporter)
