@@ -7,6 +7,7 @@ group, when there is one, is already initialised by whoever launched us.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -36,6 +37,10 @@ from trainer.report import RayTrainReporter, Reporter
 CHECKPOINT_FILE = "state.pt"
 ROUTING_FILE = "routing.npz"
 _EVAL_BATCH = 256
+# A file to append this rank's timeline to (training starts, its first step, each epoch's end,
+# training ends): bench/orchestration.py splits a trial's wall time into training and overhead
+# with it, and the resume tests count the epochs each trial trained.
+TIMELINE_ENV = "SWEETSPOT_TIMELINE"
 
 
 def worker(config: dict[str, Any]) -> None:
@@ -87,6 +92,7 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
     saves the routing analysis (``routing.npz``) next to the last checkpoint.
     """
     env = _Dist.current()
+    _mark("train_start", env, trial)
     recipe = trial.recipe
     if recipe.batch_size % env.world:
         raise ValueError(f"batch_size {recipe.batch_size} is not divisible by {env.world} workers")
@@ -139,6 +145,7 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
         env,
         expert_group,
     )
+    _mark("first_step", env, trial)
     for epoch in range(start_epoch, recipe.epochs):
         sampler.set_epoch(epoch)
         train_metrics = step.epoch(train_loader, epoch)
@@ -169,6 +176,17 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
                 if routing:
                     save_routing(checkpoint / ROUTING_FILE, routing)
             reporter.report(metrics, checkpoint)
+        _mark("epoch_end", env, trial, epoch=epoch + 1)
+    _mark("train_end", env, trial)
+
+
+def _mark(event: str, env: _Dist, trial: TrialConfig, **details: Any) -> None:
+    """Append ``event`` with the wall-clock time to the timeline file, when one is asked for."""
+    path = os.environ.get(TIMELINE_ENV)
+    if path:
+        record = {"event": event, "time": time.time(), "trial": trial.trial_hash, "rank": env.rank, **details}
+        with open(path, "a") as timeline:
+            timeline.write(json.dumps(record) + "\n")
 
 
 def _final_metrics(model: MoEModel, trial: TrialConfig, eval_tf: Any, env: _Dist) -> dict[str, float]:
