@@ -1,7 +1,8 @@
 """``sweetspot``: validate, plan, run and tabulate MoE ablation studies.
 
 Exit codes: 0 success, 1 a study ran but some trial failed (or there is nothing to
-tabulate), 2 bad input (the study file, an option, or resources that can never fit).
+tabulate), 2 bad input (the study file, an option, resources that can never fit, a Ray
+cluster that cannot be joined), 130 interrupted (Ctrl-C; the next ``run`` resumes).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Annotated, Any
 
 # Tune's new console output ignores verbose=0; sweetspot prints its own progress instead.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# With a tracking server MLflow prints a link for every run it ends; `run` shows the study's one.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import typer
 from rich.console import Console
@@ -49,7 +52,9 @@ class PlanFormat(str, Enum):
 
 class TableFormat(str, Enum):
     md = "md"
+    latex = "latex"
     csv = "csv"
+    html = "html"
 
 
 class StatusFormat(str, Enum):
@@ -201,8 +206,10 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
 ) -> None:
     """Run every trial of the study that is not FINISHED yet, then print the result table."""
-    from orchestrator.launch import ResourceError, run_study
+    _use_token_auth_to_join(address)  # before anything imports ray
+    from orchestrator.launch import ClusterError, ResourceError, run_study
     from orchestrator.lineage import LineageError, resolve_inits
+    from orchestrator.progress import StudyProgress, last_line
     from orchestrator.tracking import StudyStore
 
     spec, trials = _load(study)
@@ -224,16 +231,22 @@ def run(
     store = StudyStore.open(spec, tracking_uri)
     uri = tracking_uri or spec.tracking_uri
     out.print(f"[bold]{spec.name}[/bold]: {len(trials)} trials · results in {spec.output_dir}")
-    out.print(f"MLflow: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"MLflow: {uri}")
+    out.print(f"MLflow: {_mlflow_hint(study, uri, store.experiment_id)}", markup=False)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     started = time.monotonic()
     try:
-        outcome = run_study(
-            spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
-            retry_failed=retry_failed, inits=inits, on_event=_progress(len(trials)),
-        )
+        with StudyProgress(out, spec.name) as progress:
+            outcome = run_study(
+                spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
+                retry_failed=retry_failed, inits=inits, on_event=progress.on_event,
+                on_start=progress.on_start, on_interrupt=progress.on_interrupt,
+            )  # fmt: skip
     except ResourceError as error:
         err.print(f"[red]error[/red] {study}: resources: {error}")
+        raise typer.Exit(2) from None
+    except ClusterError as error:
+        err.print("[red]error[/red] ", end="")
+        err.print(str(error), markup=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print(f"interrupted: unfinished trials are marked KILLED; `sweetspot run {study}` resumes them.")
@@ -253,7 +266,7 @@ def run(
     for trial_hash, error in outcome.failed.items():
         trial = by_hash[trial_hash]
         err.print(f"[red]failed[/red] {trial.name} seed {trial.seed}: ", end="")
-        err.print(_last_line(error), markup=False)
+        err.print(last_line(error), markup=False)
     if outcome.failed:
         err.print("Full error texts: the `sweetspot.error` tag and error.txt of each failed run in MLflow.")
     if outcome.incomplete:
@@ -269,8 +282,9 @@ def table(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
 ) -> None:
-    """Print the study's result table from MLflow (one row per trial, in study order)."""
-    from dashboards.tables import to_csv, to_markdown
+    """Print the study's result table from MLflow: one row per configuration (mean ± std over its
+    seeds), in study order, laid out by the study's `table:` section."""
+    from dashboards.tables import render
     from orchestrator.results import collect
     from orchestrator.tracking import StudyStore
 
@@ -279,13 +293,63 @@ def table(
         err.print(f"no results for study '{spec.name}' yet: run `sweetspot run {study}` first.")
         raise typer.Exit(1)
     store = StudyStore.open(spec, tracking_uri, create=False)
-    results = collect(trials, store, spec.table.metrics)
-    text = to_markdown(results, spec.table.metrics) + "\n" if format is TableFormat.md else to_csv(results)
+    try:
+        text = render(collect(trials, store, spec.table.metrics), spec.table, format.value)
+    except ValueError as error:  # a pivot with two configurations in one cell
+        err.print(f"[red]error[/red] {study}: ", end="")
+        err.print(str(error), markup=False)
+        raise typer.Exit(2) from None
     if output:
         output.write_text(text)
         out.print(f"wrote {output}")
     else:
         sys.stdout.write(text)
+
+
+@app.command()
+def figures(
+    study: StudyPath,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder for the figures (default: <output>/figures)."),
+    ] = None,
+    metric: Annotated[str, typer.Option(help="The metric to plot against active parameters.")] = "val_top1",
+    all_seeds: Annotated[
+        bool,
+        typer.Option(
+            "--all-seeds", help="Routing figures of every seed, not only each configuration's first."
+        ),
+    ] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """Write the study's paper-style figures (PNG and SVG): the Pareto front, the experts × mlp_ratio
+    heatmap, and the routing analysis of each MoE configuration."""
+    from dashboards.figures import fetch_routing, write_study_figures
+    from orchestrator.results import collect
+    from orchestrator.status import open_store
+    from orchestrator.tracking import StudyStore
+
+    spec, trials = _load(study)
+    if open_store(spec, tracking_uri) is None:
+        err.print(f"no results for study '{spec.name}' yet: run `sweetspot run {study}` first.")
+        raise typer.Exit(1)
+    folder = output or spec.output_dir / "figures"
+    # collect reads runs with StudyStore.runs(); open_store's ReadStore only tells whether the study ran.
+    store = StudyStore.open(spec, tracking_uri, create=False)
+    results = collect(trials, store, list(dict.fromkeys([*spec.table.metrics, metric])))
+    finished = results[results["status"] == "FINISHED"]
+    if finished.empty:
+        err.print(f"no trial of study '{spec.name}' has finished yet: there is nothing to draw.")
+        raise typer.Exit(1)
+    if finished[metric].isna().all():
+        err.print(f"[red]error[/red] --metric: no finished trial logged {metric!r}; ", end="")
+        err.print(f"the study's table metrics are {', '.join(spec.table.metrics)}.", markup=False)
+        raise typer.Exit(2)
+    # Each routing.npz lands in the folder its figures go to: routing/<short hash>/.
+    routing = fetch_routing(store, trials, folder / "routing", all_seeds=all_seeds)
+    paths = write_study_figures(results, routing, folder, metric)
+    figures_written = len({path.with_suffix("") for path in paths})
+    out.print(f"wrote {figures_written} figures (PNG and SVG) to {folder}", markup=False)
 
 
 @app.command()
@@ -429,37 +493,39 @@ def _store_exists(spec: StudySpec, tracking_uri: str | None) -> bool:
 
 
 def _print_table(spec: StudySpec, trials: list[Trial], store: Any) -> None:
-    from dashboards.tables import to_markdown
+    from dashboards.tables import render
     from orchestrator.results import collect
 
+    try:
+        text = render(collect(trials, store, spec.table.metrics), spec.table, "md")
+    except ValueError as error:  # the table cannot be laid out; the study's results are safe in MLflow
+        err.print("[red]table[/red] ", end="")
+        err.print(str(error), markup=False)
+        return
     # Plain stdout: a Markdown table must not be re-wrapped to the terminal width.
-    sys.stdout.write("\n" + to_markdown(collect(trials, store, spec.table.metrics), spec.table.metrics) + "\n")
+    sys.stdout.write("\n" + text)
 
 
-def _last_line(error: str) -> str:
-    """The exception line of a traceback: what a person needs to see first."""
-    return next((line.strip() for line in reversed(error.strip().splitlines()) if line.strip()), error)
+def _use_token_auth_to_join(address: str | None) -> None:
+    """Make Ray's client send this machine's token when it joins a cluster (call before importing ray).
+
+    A cluster started with ``ray start`` where a token exists (``~/.ray/auth_token``) asks every
+    client for it (Ray 2.60), but Ray's client only sends one in token mode, which it reads from
+    ``RAY_AUTH_MODE`` once, on import. A cluster without authentication accepts such a client too.
+    An explicit ``RAY_AUTH_MODE`` is left alone.
+    """
+    if address is None or "RAY_AUTH_MODE" in os.environ:
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _progress(total: int) -> Any:
-    done = {"count": 0}
-
-    def on_event(event: str, trial: Trial, details: dict[str, Any]) -> None:
-        label = f"{trial.name} · seed {trial.seed}"
-        if event == "start":
-            out.print(f"[cyan]▶[/cyan] {label}")
-        elif event == "epoch":
-            formats = {"train_loss": "loss {:.3f}", "val_top1": "top-1 {:.1f}%", "images_per_s": "{:.0f} im/s"}
-            shown = "  ".join(fmt.format(details[key]) for key, fmt in formats.items() if key in details)
-            out.print(f"  {label}  epoch {details['epoch']}/{details.get('epochs_total', '?')}  {shown}")
-        elif event == "finished":
-            done["count"] += 1
-            out.print(f"[green]✔[/green] {label} ({done['count']}/{total})")
-        elif event == "failed":
-            done["count"] += 1
-            out.print(f"[red]✘[/red] {escape(label)}: {escape(_last_line(details['error']))} ({done['count']}/{total})")
-
-    return on_event
+def _mlflow_hint(study: Path, uri: str, experiment_id: str) -> str:
+    """Where to watch the study in MLflow: the server's page, or how to start the UI on the store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"sweetspot ui {study}  (or: mlflow ui --backend-store-uri {uri})"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """Run a study's trials: one Ray Tune trial each, each launching a Ray Train TorchTrainer.
 
-Ray 2.60 runs Train V2, where a ``TorchTrainer`` cannot be handed to a ``Tuner``
-directly: a Tune *function* trainable (:func:`run_trial`) builds the trainer and
-calls ``fit()``, and ``TuneReportCallback`` forwards rank 0's reports to Tune.
-Train runs are named by trial hash, so relaunching an interrupted trial makes
-Train V2 restore its last checkpoint.
+The driver side: which trials to run, whether they fit the cluster, the Tune experiment
+(concurrency, early stopping, the MLflow callback) and what became of each trial. What runs
+inside each Tune trial is :mod:`orchestrator.trial`.
 
 Early stopping (the study's ``scheduler`` and ``stop``) is Tune's: an ASHA scheduler and a
 :class:`StopRule` stopper decide after each epoch's result. Tune then stops the trial's
@@ -18,34 +16,33 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 from ray import tune
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.stopper import Stopper
-from ray.tune.trainable import wrap_function
+from ray.tune.stopper import CombinedStopper, Stopper
 
 from orchestrator.expand import Trial
 from orchestrator.lineage import InitSource, train_run_name
 from orchestrator.spec import ResourcesSpec, StopSpec, StudySpec
 from orchestrator.tracking import TAG_INIT_CHECKPOINT, TAG_INIT_TRIAL, MLflowTracking, StudyStore
-from trainer.loop import worker
+from orchestrator.trial import (
+    LOCAL_TRAIN_ENV_DEFAULTS,
+    TRAIN_ENV_DEFAULTS,
+    TRIAL_DRIVER_CPUS,
+    run_trial,
+    trial_trainable,
+)
 
-# The Tune trial itself only waits on its TorchTrainer; the workers hold the real reservation.
-TRIAL_DRIVER_CPUS = 0.01
-# A rank that dies must not leave the others blocked in a collective forever.
-COLLECTIVE_TIMEOUT_S = 600
 _STRICT_METRICS_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
-# How long a stopped trial waits for its Train run to shut down before killing the controller.
-TRAIN_ABORT_TIMEOUT_S = 60
+_TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 logger = logging.getLogger(__name__)
 
@@ -70,133 +67,8 @@ class ResourceError(RuntimeError):
     """A trial can never be scheduled on this cluster."""
 
 
-def run_trial(config: dict[str, Any], resources: ResourcesSpec, storage: str, max_failures: int) -> None:
-    """Tune function trainable: train one trial through Ray Train."""
-    payload = config["sweetspot"]
-    link = _TrainRunLink()
-    _train_run.queue = link.results
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config={"trial": payload["trial"], "init_checkpoint": payload.get("init_checkpoint")},
-        torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": resources.cpus_per_worker,
-                **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=train_run_name(payload["hash"]),
-            storage_path=storage,
-            callbacks=[link],
-            # A lost worker (or an error) restarts the worker group from the last checkpoint.
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception:
-        if _train_run.stopping.is_set():
-            return  # Tune stopped this trial and aborted its Train run: not an error
-        raise
-    finally:
-        _train_run.controller = None
-        _train_run.queue = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping a trial's Train run with it
-#
-# When Tune stops a trial (the scheduler, the stop rule, the end of the experiment), it calls the
-# trial actor's ``stop()`` and then lets the actor go. The Train controller and its workers are
-# owned by that actor and die with it, but the workers' placement group is not: Ray scopes a
-# placement group created by a (non-detached) actor to the job, and Train V2's
-# PlacementGroupCleaner only removes it when the Ray State API answers, which needs the dashboard.
-# Without this, every stopped trial kept its workers' CPUs/GPUs reserved until the driver exited,
-# and the next trial waited for them (WorkerGroupStartupTimeoutError). So the trial actor's
-# cleanup aborts the Train run through the controller's own ``abort()``, which shuts the workers
-# down, removes the placement group and stops the cleaner.
-
-
-class _TrainRunState:
-    """The Train run of the trial this process (one Tune trial actor) runs."""
-
-    def __init__(self) -> None:
-        self.controller: Any = None  # the Train controller's actor handle, once it has reported
-        self.queue: Any = None  # the results queue from the controller to this actor
-        self.stopping = threading.Event()
-
-
-_train_run = _TrainRunState()
-
-
-class _TrainRunLink(TuneReportCallback):
-    """``TuneReportCallback`` that also tells the trial actor where its Train controller is.
-
-    Runs in the Train controller: at its first report it hands the controller's actor handle to
-    the trial actor (Tune cannot stop a trial before it has reported).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._trial_actor = ray.get_runtime_context().current_actor
-        self._registered = False
-
-    @property
-    def results(self) -> Any:
-        return self._training_actor_item_queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not self._registered:
-            self._registered = True
-            self._trial_actor.register_train_controller.remote(ray.get_runtime_context().current_actor)
-        super().after_report(run_context, metrics, checkpoint)
-
-
-def _register_train_controller(controller: Any) -> None:
-    _train_run.controller = controller
-
-
-def _abort_train_run() -> None:
-    """Abort this trial's Train run if it is still going (called from the trial actor's cleanup)."""
-    _train_run.stopping.set()
-    controller, results = _train_run.controller, _train_run.queue
-    if controller is None:
-        return
-    aborted = controller.abort.remote()
-    deadline = time.monotonic() + TRAIN_ABORT_TIMEOUT_S
-    while time.monotonic() < deadline:
-        # The controller may be blocked handing a result to Tune, which no longer takes any.
-        with contextlib.suppress(Exception):
-            while results is not None:
-                results.get_nowait()
-        done, _ = ray.wait([aborted], timeout=0.5)
-        if done:
-            break
-    else:
-        logger.warning("the Train run did not abort in %s s; killing its controller", TRAIN_ABORT_TIMEOUT_S)
-        with contextlib.suppress(Exception):
-            ray.kill(controller)
-    with contextlib.suppress(Exception):  # abort() ends the controller actor: its call "fails"
-        ray.get(aborted, timeout=0)
-    _train_run.controller = None
-
-
-def _trial_trainable(function: Callable[[dict[str, Any]], None]) -> type:
-    """Tune's class for a function trainable, with a cleanup that aborts the trial's Train run."""
-
-    class SweetspotTrial(wrap_function(function)):  # type: ignore[misc]
-        def register_train_controller(self, controller: Any) -> None:
-            _register_train_controller(controller)
-
-        def cleanup(self) -> None:
-            _abort_train_run()
-            super().cleanup()
-
-    return SweetspotTrial
+class ClusterError(RuntimeError):
+    """The Ray cluster named by ``address`` cannot be joined."""
 
 
 class StopRule(Stopper):
@@ -256,6 +128,67 @@ def check_fits(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
     return max(1, fits)
 
 
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What a study is about to run, and on which Ray cluster."""
+
+    trials: list[Trial]  # the trials to run now (not those FINISHED, or FAILED without a retry)
+    address: str  # "local" for a Ray started by this process
+    cpus: float
+    gpus: float
+    concurrency: int  # trials at once
+    dashboard_url: str | None
+
+
+class Interrupt(Stopper):
+    """Ctrl-C as a Tune stopper.
+
+    Tune's own SIGINT handler ends the experiment but returns normally, so a caller cannot tell
+    an interrupted study from a finished one. This one, installed in its place for the time of
+    ``fit()``, makes Tune stop every trial the same graceful way as at the end of an experiment
+    (each trial's Train run is aborted, its checkpoints kept) and lets ``run_study`` raise
+    ``KeyboardInterrupt`` afterwards. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, on_request: Callable[[], None] | None = None) -> None:
+        self.requested = threading.Event()
+        self.on_request = on_request
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.requested.is_set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # Tune snapshots its stoppers; an Event cannot be pickled, nor needs to be
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def catching_sigint(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested.is_set():
+                raise KeyboardInterrupt
+            self.requested.set()
+            if self.on_request is not None:
+                self.on_request()
+
+        previous = signal.signal(signal.SIGINT, handler)
+        tune_handler = os.environ.get(_TUNE_SIGINT_ENV)
+        os.environ[_TUNE_SIGINT_ENV] = "1"
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            _restore_env(_TUNE_SIGINT_ENV, tune_handler)
+
+
 def run_study(
     spec: StudySpec,
     trials: list[Trial],
@@ -267,14 +200,23 @@ def run_study(
     retry_failed: bool = False,
     inits: dict[str, InitSource] | None = None,
     on_event: Callable[[str, Trial, dict[str, Any]], None] | None = None,
+    on_start: Callable[[LaunchInfo], None] | None = None,
+    on_interrupt: Callable[[], None] | None = None,
 ) -> StudyOutcome:
     """Run every trial not yet FINISHED in MLflow (FAILED ones only with ``retry_failed``).
 
     ``inits``: the start checkpoints of fine-tuning / linear-probe trials (from
-    :func:`orchestrator.lineage.resolve_inits`), by trial hash.
+    :func:`orchestrator.lineage.resolve_inits`), by trial hash. ``on_event``: each trial's
+    start, epochs and end; ``on_start``: what runs where, once the study is about to start;
+    ``on_interrupt``: the first Ctrl-C, as it stops the trials.
 
     Uses the Ray that is already initialised (tests, notebooks), else starts a local one
     (or joins ``address``) and shuts it down afterwards.
+
+    Raises:
+        ClusterError: the Ray cluster at ``address`` cannot be joined (nothing was started).
+        ResourceError: a trial can never fit the cluster (nothing was started).
+        KeyboardInterrupt: after Ctrl-C, once every running trial was stopped and marked KILLED.
     """
     outcome = StudyOutcome()
     parent = store.study_run(spec)
@@ -290,43 +232,55 @@ def run_study(
         else:
             todo.append(trial)
     if not todo:
+        store.finish_study(parent, "FINISHED" if outcome.ok else "FAILED")
         return outcome
 
     owns_ray = not ray.is_initialized()
+    dashboard_url = None
     if owns_ray:
-        ray.init(
-            address=address,
-            include_dashboard=dashboard,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
+        dashboard_url = _init_ray(address, dashboard, verbose)
     inits = inits or {}
     tags = {trial_hash: _init_tags(source) for trial_hash, source in inits.items()}
     tracking = MLflowTracking(
         store, parent, {t.hash: t for t in todo}, on_event, tags, scheduler=spec.scheduler, stop=spec.stop
     )
+    interrupt = Interrupt(on_interrupt)
     # A result without the scheduler's metric would otherwise abort the whole Tune run (its strict
     # metric check raises in the driver); ASHA skips such a result, and the tracking callback warns.
     strict_metrics = os.environ.get(_STRICT_METRICS_ENV)
     if spec.scheduler is not None:
         os.environ[_STRICT_METRICS_ENV] = "1"
     try:
-        concurrency = check_fits(spec.resources, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        concurrency = check_fits(spec.resources, cluster)
         if spec.resources.max_concurrent_trials:
             concurrency = min(concurrency, spec.resources.max_concurrent_trials)
-        storage = spec.output_dir / "ray"
-        storage.mkdir(parents=True, exist_ok=True)
+        if on_start is not None:
+            on_start(
+                LaunchInfo(
+                    trials=todo,
+                    address="local" if owns_ray and not address else (address or "connected"),
+                    cpus=cluster.get("CPU", 0.0),
+                    gpus=cluster.get("GPU", 0.0),
+                    concurrency=concurrency,
+                    dashboard_url=dashboard_url,
+                )
+            )
+        if not spec.remote_storage:
+            Path(spec.ray_storage).mkdir(parents=True, exist_ok=True)
         trainable = tune.with_resources(
-            _trial_trainable(
+            trial_trainable(
                 tune.with_parameters(
                     run_trial,
-                    resources=spec.resources,
-                    storage=str(spec.train_storage),
+                    resources=spec.resources.model_dump(),
+                    storage=spec.train_storage,
                     max_failures=spec.max_failures,
+                    env=TRAIN_ENV_DEFAULTS | (LOCAL_TRAIN_ENV_DEFAULTS if owns_ray and not address else {}),
                 )
             ),
             {"CPU": TRIAL_DRIVER_CPUS},
         )
+        stopper = build_stopper(spec)
         tuner = tune.Tuner(
             trainable,
             param_space={"sweetspot": tune.grid_search([_payload(t, inits.get(t.hash)) for t in todo])},
@@ -338,25 +292,26 @@ def run_study(
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
-                storage_path=str(storage / "tune"),
+                storage_path=f"{spec.ray_storage}/tune",
                 callbacks=[tracking],
-                stop=build_stopper(spec),
+                stop=CombinedStopper(stopper, interrupt) if stopper else interrupt,
                 verbose=1 if verbose else 0,
             ),
         )
-        tuner.fit()
+        with interrupt.catching_sigint():
+            tuner.fit()
     finally:
         # Interrupted (Ctrl-C) or crashed: trials still open are KILLED, and resume next time.
         for trial_hash, run_id in tracking.run_ids.items():
             if trial_hash not in tracking.outcomes:
                 store.finish(run_id, "KILLED")
         if spec.scheduler is not None:
-            if strict_metrics is None:
-                os.environ.pop(_STRICT_METRICS_ENV, None)
-            else:
-                os.environ[_STRICT_METRICS_ENV] = strict_metrics
+            _restore_env(_STRICT_METRICS_ENV, strict_metrics)
         if owns_ray:
             ray.shutdown()
+    if interrupt.requested.is_set():
+        store.finish_study(parent, "KILLED")
+        raise KeyboardInterrupt
     for trial in todo:
         state = tracking.outcomes.get(trial.hash)
         if state == "FINISHED":
@@ -371,10 +326,51 @@ def run_study(
     return outcome
 
 
+def _init_ray(address: str | None, dashboard: bool, verbose: bool) -> str | None:
+    """Start a local Ray, or join the cluster at ``address``; the dashboard's URL when there is one."""
+    try:
+        context = ray.init(
+            address=address,
+            include_dashboard=dashboard,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except (ConnectionError, RuntimeError) as error:
+        if address is None:
+            raise
+        ray.shutdown()  # a half-made connection keeps threads that would hold the process at exit
+        hint = (
+            f"; it asks for a token: set {AUTH_MODE_ENV}=token with the cluster's token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN"
+            if "auth" in str(error).lower()
+            else "; is it running, and is its token (if it asks for one) here?"
+        )
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {_first_line(error)}{hint}") from None
+    return _url(context.dashboard_url)
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def _url(address: str | None) -> str | None:
+    if not address:
+        return None
+    return address if "://" in address else f"http://{address}"
+
+
 def _payload(trial: Trial, init: InitSource | None) -> dict[str, Any]:
     return {
         "hash": trial.hash,
         "name": trial.name,
+        "train_run": train_run_name(trial.hash),
         "trial": trial.config.model_dump(mode="json"),
         "init_checkpoint": str(init.checkpoint.resolve()) if init else None,
     }

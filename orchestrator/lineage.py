@@ -88,7 +88,13 @@ def resolve_inits(trials: list[Trial]) -> dict[str, InitSource]:
             raise LineageError(
                 f"{where}: {source.name} seed {source.seed} is {status}; run `sweetspot run {init_from}` first"
             )
-        checkpoint = latest_checkpoint(spec.train_storage / train_run_name(source.hash))
+        if spec.remote_storage:
+            raise LineageError(
+                f"{where}: its checkpoints are in {spec.ray_storage}; starting from a checkpoint in an "
+                "object store is not supported: give init_from the checkpoint folder, downloaded or on a "
+                "shared filesystem"
+            )
+        checkpoint = latest_checkpoint(Path(spec.train_storage) / train_run_name(source.hash))
         if checkpoint is None:
             raise LineageError(f"{where}: {source.name} seed {source.seed} FINISHED but left no checkpoint")
         resolved[trial.hash] = InitSource(checkpoint, spec.name, source.hash)

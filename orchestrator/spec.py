@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from functools import cache
 from pathlib import Path
 from types import UnionType
@@ -59,14 +60,62 @@ class TrackingSpec(_Strict):
     experiment: str | None = None
 
 
-class TableSpec(_Strict):
-    """What ``sweetspot table`` shows besides the trial name and parameter counts.
+# Columns a result table can show besides metrics and axes; orchestrator.results makes them.
+CONFIG_COLUMNS = ("name", "params_total_m", "params_active_m", "gflops", "n", "seeds", "status", "epoch")
+# Metrics the trainer logs once, after training, without being asked (trainer.loop._final_metrics):
+# results collects them whenever a run has them, so a table may show them without listing them.
+FINAL_METRICS = re.compile(r"inference_images_per_s|ood_[a-z0-9_]+_(top1|top5|loss)")
+
+
+class PivotSpec(_Strict):
+    """One metric laid out as a grid over two axes (the paper's Figure 3 and Table 4 layouts).
+
+    Configurations without a value on one of the two axes (the MoE axes of a dense baseline) get
+    a row of their own, labelled by name, their value in every column.
 
     Attributes:
-        metrics: final-epoch metrics, one column each.
+        rows: the axis whose values are the rows (``experts``).
+        columns: the axis whose values are the columns (``mlp_ratio``).
+        value: the metric in the cells; default: the first of ``table.metrics``.
+    """
+
+    rows: str
+    columns: str
+    value: str | None = None
+
+
+class TableSpec(_Strict):
+    """The result table (``sweetspot table``, and the end of ``sweetspot run``).
+
+    One row per configuration, seeds aggregated (mean ± sample std of the FINISHED ones), in the
+    study's order; the best value of each metric column is bold (per group).
+
+    Attributes:
+        metrics: metrics read from MLflow (their last logged value); by default shown after the
+            accounting columns, in this order.
+        columns: every column shown, in order; default the paper's layout: ``name``,
+            ``params_total_m``, ``params_active_m``, ``gflops``, the inference throughput, the
+            ``metrics``, then the OOD top-1 accuracies, each where the trials logged it. A column is
+            one of ``name``, ``params_total_m``, ``params_active_m``, ``gflops``, ``n`` (finished
+            seeds), ``seeds``, ``status``, ``epoch``, a metric of ``metrics`` (or one the trials log
+            by themselves: ``inference_images_per_s``, ``ood_<set>_top1``), or an axis of the study.
+            A ``status`` column is added whenever a configuration has not FINISHED every seed.
+        rows: keep only the configurations whose axes match every entry (a value or a list of
+            values); a configuration with no value for the axis (an MoE axis of a dense baseline)
+            is kept. Default: every configuration.
+        group_by: an axis: configurations with the same value together, each group under its own
+            heading, best values in bold per group.
+        delta_vs_dense: each metric also shows its difference to the dense baseline of the same
+            backbone (the dense configuration that shares most axis values with it).
+        pivot: lay one metric out as a grid over two axes instead of one row per configuration.
     """
 
     metrics: list[str] = Field(default_factory=lambda: ["val_top1"], min_length=1)
+    columns: list[str] | None = Field(None, min_length=1)
+    rows: dict[str, Any] = Field(default_factory=dict)
+    group_by: str | None = None
+    delta_vs_dense: bool = False
+    pivot: PivotSpec | None = None
 
 
 class SchedulerSpec(_Strict):
@@ -144,6 +193,9 @@ class StudySpec(_Strict):
         stop: optional rule that stops any trial once a metric reaches a threshold.
         tracking: MLflow location.
         output: folder for the tracking store, Ray results and checkpoints; default ``runs/<name>``.
+        storage_path: where Ray Tune and Ray Train keep the trials' state and checkpoints, when
+            not in ``output``: on a cluster, storage every node reaches (a shared filesystem path,
+            or a URI such as ``s3://bucket/studies``).
         table: the result table's columns.
     """
 
@@ -160,6 +212,7 @@ class StudySpec(_Strict):
     stop: StopSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
     output: str | None = None
+    storage_path: str | None = Field(None, min_length=1)
     table: TableSpec = TableSpec()
 
     @property
@@ -167,9 +220,23 @@ class StudySpec(_Strict):
         return Path(self.output if self.output is not None else f"runs/{self.name}").resolve()
 
     @property
-    def train_storage(self) -> Path:
+    def remote_storage(self) -> bool:
+        """Whether Ray's storage is a URI (object store) rather than a filesystem path."""
+        return self.storage_path is not None and "://" in self.storage_path
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray's storage root: ``storage_path`` (a relative path from here), else ``<output>/ray``."""
+        if self.storage_path is None:
+            return str(self.output_dir / "ray")
+        if self.remote_storage:
+            return self.storage_path.rstrip("/")
+        return str(Path(self.storage_path).expanduser().resolve())
+
+    @property
+    def train_storage(self) -> str:
         """Ray Train's storage: one run folder per trial, holding its checkpoints."""
-        return self.output_dir / "ray" / "train"
+        return f"{self.ray_storage}/train"
 
     @property
     def tracking_uri(self) -> str:
@@ -246,7 +313,7 @@ def load_study(path: Path) -> tuple[StudySpec, Source]:
         spec = StudySpec.model_validate(source.data)
     except ValidationError as error:
         raise StudyError([problem_from_error(source, err, ()) for err in error.errors()]) from None
-    problems = _check_axes(spec, source)
+    problems = _check_axes(spec, source) + _check_table(spec, source)
     if problems:
         raise StudyError(problems)
     return spec, source
@@ -319,3 +386,89 @@ def _check_axes(spec: StudySpec, source: Source) -> list[Problem]:
     if len(set(spec.seeds)) != len(spec.seeds):
         problems.append(source.problem(("seeds",), f"duplicate seeds in {spec.seeds}"))
     return problems
+
+
+def _check_table(spec: StudySpec, source: Source) -> list[Problem]:
+    """The ``table:`` section names axes of this study, metrics it collects, and values its axes take."""
+    table, axes = spec.table, _study_axes(spec)
+    problems: list[Problem] = []
+
+    def axis(name: str, where: tuple[PathKey, ...]) -> str | None:
+        try:
+            label = axis_label(resolve_axis(name))
+        except ValueError as error:
+            problems.append(source.problem(where, str(error)))
+            return None
+        if label not in axes:
+            known = ", ".join(axes) or "none: it has no grid or cases"
+            problems.append(
+                source.problem(where, f"{name!r} is not an axis of this study (its axes: {known})")
+            )
+            return None
+        return label
+
+    def metric(name: str, where: tuple[PathKey, ...]) -> None:
+        if name not in table.metrics and not FINAL_METRICS.fullmatch(name):
+            problems.append(source.problem(where, f"{name!r} is not one of table.metrics {table.metrics}"))
+
+    for index, column in enumerate(table.columns or []):
+        if column in CONFIG_COLUMNS or column in table.metrics or FINAL_METRICS.fullmatch(column):
+            continue
+        try:
+            resolve_axis(column)
+        except ValueError:
+            problems.append(source.problem(("table", "columns", index), _unknown_column(column, table, axes)))
+            continue
+        axis(column, ("table", "columns", index))
+    for name, wanted in table.rows.items():
+        label = axis(name, ("table", "rows", name))
+        if label is not None and not _takes(axes[label], wanted):
+            values = ", ".join(map(str, axes[label]))
+            reason = f"{wanted!r} is not a value of {name!r} in this study ({values})"
+            problems.append(source.problem(("table", "rows", name), reason))
+    if table.group_by is not None:
+        axis(table.group_by, ("table", "group_by"))
+    if table.pivot is not None:
+        rows = axis(table.pivot.rows, ("table", "pivot", "rows"))
+        columns = axis(table.pivot.columns, ("table", "pivot", "columns"))
+        if rows is not None and rows == columns:
+            problems.append(
+                source.problem(("table", "pivot", "columns"), "rows and columns need two different axes")
+            )
+        if table.pivot.value is not None:
+            metric(table.pivot.value, ("table", "pivot", "value"))
+    return problems
+
+
+def _unknown_column(column: str, table: TableSpec, axes: dict[str, list[Any]]) -> str:
+    known = [*CONFIG_COLUMNS, *table.metrics, *axes]
+    close = difflib.get_close_matches(column, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"unknown column {column!r}: not one of {', '.join(CONFIG_COLUMNS)}, an axis, or a metric of "
+        f"table.metrics {table.metrics} (list a metric there to show it){hint}"
+    )
+
+
+def _study_axes(spec: StudySpec) -> dict[str, list[Any]]:
+    """Axis label → the values the grid and the cases give it (names that do not resolve are skipped:
+    :func:`_check_axes` reports them)."""
+    axes: dict[str, list[Any]] = {}
+    entries = [(axis, value) for axis, values in spec.grid.items() for value in values]
+    entries += [(axis, value) for case in spec.cases for axis, value in case.items()]
+    for name, value in entries:
+        try:
+            label = axis_label(resolve_axis(name))
+        except ValueError:
+            continue
+        axes.setdefault(label, [])
+        if value not in axes[label]:
+            axes[label].append(value)
+    return axes
+
+
+def _takes(values: list[Any], wanted: Any) -> bool:
+    """Whether a ``rows`` entry (a value or a list of values) names values the axis takes."""
+    if wanted in values:
+        return True
+    return isinstance(wanted, list) and bool(wanted) and all(item in values for item in wanted)

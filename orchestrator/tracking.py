@@ -239,7 +239,7 @@ class MLflowTracking(tune.Callback):
         self.logged[ours.hash] = self.store.logged_epochs(run_id)
         if ours.hash in self.tags:
             self.store.set_tags(run_id, self.tags[ours.hash])
-        self.on_event("start", ours, {})
+        self.on_event("start", ours, {"epochs_done": max(self.logged[ours.hash], default=0)})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         ours = self._trial(trial)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,3 +23,56 @@ def local_ray() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+TINY_STUDY = """
+name: tiny
+description: the smallest study with every kind of row a result table has
+base:
+  model:
+    backbone: vit_mini
+    moe: {{top_k: 1, capacity_factor: 2.0}}
+  data: {{train_samples: 256}}
+  recipe: {{epochs: 1, batch_size: 64, lr: 0.003}}
+grid:
+  placement: [none, last2]   # the dense baseline collapses to one configuration
+  experts: [2, 4]
+  mlp_ratio: [1, 2]
+seeds: [0, 1]
+max_failures: 0
+resources:
+  workers: 1
+  cpus_per_worker: 0.5
+output: {output}
+table:
+  metrics: [val_top1, val_top5, images_per_s]
+"""
+
+
+@dataclass(frozen=True)
+class TinyStudy:
+    """A finished real study: 5 configurations (1 dense) × 2 seeds, 1 epoch each, in MLflow."""
+
+    path: Path
+    spec: Any
+    trials: list[Any]
+    store: Any
+
+
+@pytest.fixture(scope="session")
+def tiny_study(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
+    """Trained once per test session through real Ray Tune, Ray Train and MLflow (sqlite)."""
+    from orchestrator.expand import expand
+    from orchestrator.launch import run_study
+    from orchestrator.spec import load_study
+    from orchestrator.tracking import StudyStore
+
+    folder = tmp_path_factory.mktemp("tiny")
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_STUDY.format(output=folder / "out"))
+    spec, source = load_study(path)
+    trials = expand(spec, source)
+    store = StudyStore.open(spec)
+    outcome = run_study(spec, trials, store)
+    assert outcome.ok and len(outcome.finished) == len(trials) == 10, outcome
+    return TinyStudy(path, spec, trials, store)

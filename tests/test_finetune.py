@@ -129,7 +129,7 @@ def test_init_from_a_study_finds_the_finished_trial_with_the_same_model_and_seed
     parent = store.study_run(spec1)
     run_id = store.start_trial(first[4], parent)
     store.finish(run_id, "FINISHED")
-    folder = spec1.train_storage / train_run_name(first[4].hash) / "checkpoint_2026-11-23_00-00-00.000000"
+    folder = Path(spec1.train_storage) / train_run_name(first[4].hash) / "checkpoint_2026-11-23_00-00-00.000000"
     shutil.copytree(pretrained, folder)
 
     with pytest.raises(LineageError, match="ViT-Mini-8 Last 2 Top 2 seed 0 is not run"):

@@ -1,0 +1,191 @@
+"""What runs inside a Ray Tune trial: one Ray Train ``TorchTrainer`` for one sweetspot trial.
+
+Ray 2.60 runs Train V2, where a ``TorchTrainer`` cannot be handed to a ``Tuner``
+directly: a Tune *function* trainable (:func:`run_trial`) builds the trainer and
+calls ``fit()``, and ``TuneReportCallback`` forwards rank 0's reports to Tune.
+Train runs are named by trial hash, so relaunching an interrupted trial makes
+Train V2 restore its last checkpoint.
+
+This module is imported by three processes per trial that do not train: the Tune trial
+actor, the Train controller (it unpickles :class:`_TrainRunLink` and :func:`train_worker`)
+and the driver. So it imports Ray and nothing of ours that pulls in the trainer (timm,
+the models) or MLflow; only the workers import :mod:`trainer.loop`. Each such import saved
+is seconds of start-up per trial on a small machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.trainable import wrap_function
+
+# The Tune trial itself only waits on its TorchTrainer; the workers hold the real reservation.
+TRIAL_DRIVER_CPUS = 0.01
+# A rank that dies must not leave the others blocked in a collective forever.
+COLLECTIVE_TIMEOUT_S = 600
+# How long a stopped trial waits for its Train run to shut down before killing the controller.
+TRAIN_ABORT_TIMEOUT_S = 60
+# Ray Train settings for every trial's controller and workers (Train propagates them from the
+# process that builds the trainer), unless the user set them. The controller notices that the
+# workers finished (or died) at its next poll: Ray's 2 s default is idle time at the end of
+# every trial, and a poll is one cheap actor call.
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# On a single machine no node can be preempted: the watcher would be one more process per trial.
+LOCAL_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+logger = logging.getLogger(__name__)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: the trainer is imported only here, on the workers."""
+    from trainer.loop import worker
+
+    worker(config)
+
+
+def run_trial(
+    config: dict[str, Any], resources: dict[str, Any], storage: str, max_failures: int, env: dict[str, str]
+) -> None:
+    """Tune function trainable: train one trial through Ray Train.
+
+    ``resources``: the study's ``ResourcesSpec`` as a dict (plain data: unpickling the model
+    would import the config schema into this process). ``env``: Ray Train settings, each
+    applied unless this process's environment sets it.
+    """
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    payload = config["sweetspot"]
+    link = _TrainRunLink()
+    _train_run.queue = link.results
+    gpus = resources["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"trial": payload["trial"], "init_checkpoint": payload.get("init_checkpoint")},
+        torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources["workers"],
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=payload["train_run"],
+            storage_path=storage,
+            callbacks=[link],
+            # A lost worker (or an error) restarts the worker group from the last checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        if _train_run.stopping.is_set():
+            return  # Tune stopped this trial and aborted its Train run: not an error
+        raise
+    finally:
+        _train_run.controller = None
+        _train_run.queue = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping a trial's Train run with it
+#
+# When Tune stops a trial (the scheduler, the stop rule, the end of the experiment), it calls the
+# trial actor's ``stop()`` and then lets the actor go. The Train controller and its workers are
+# owned by that actor and die with it, but the workers' placement group is not: Ray scopes a
+# placement group created by a (non-detached) actor to the job, and Train V2's
+# PlacementGroupCleaner only removes it when the Ray State API answers, which needs the dashboard.
+# Without this, every stopped trial kept its workers' CPUs/GPUs reserved until the driver exited,
+# and the next trial waited for them (WorkerGroupStartupTimeoutError). So the trial actor's
+# cleanup aborts the Train run through the controller's own ``abort()``, which shuts the workers
+# down, removes the placement group and stops the cleaner.
+
+
+class _TrainRunState:
+    """The Train run of the trial this process (one Tune trial actor) runs."""
+
+    def __init__(self) -> None:
+        self.controller: Any = None  # the Train controller's actor handle, once it has reported
+        self.queue: Any = None  # the results queue from the controller to this actor
+        self.stopping = threading.Event()
+
+
+_train_run = _TrainRunState()
+
+
+class _TrainRunLink(TuneReportCallback):
+    """``TuneReportCallback`` that also tells the trial actor where its Train controller is.
+
+    Runs in the Train controller: at its first report it hands the controller's actor handle to
+    the trial actor (Tune cannot stop a trial before it has reported).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trial_actor = ray.get_runtime_context().current_actor
+        self._registered = False
+
+    @property
+    def results(self) -> Any:
+        return self._training_actor_item_queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not self._registered:
+            self._registered = True
+            self._trial_actor.register_train_controller.remote(ray.get_runtime_context().current_actor)
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def _register_train_controller(controller: Any) -> None:
+    _train_run.controller = controller
+
+
+def _abort_train_run() -> None:
+    """Abort this trial's Train run if it is still going (called from the trial actor's cleanup)."""
+    _train_run.stopping.set()
+    controller, results = _train_run.controller, _train_run.queue
+    if controller is None:
+        return
+    aborted = controller.abort.remote()
+    deadline = time.monotonic() + TRAIN_ABORT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        # The controller may be blocked handing a result to Tune, which no longer takes any.
+        with contextlib.suppress(Exception):
+            while results is not None:
+                results.get_nowait()
+        done, _ = ray.wait([aborted], timeout=0.5)
+        if done:
+            break
+    else:
+        logger.warning("the Train run did not abort in %s s; killing its controller", TRAIN_ABORT_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            ray.kill(controller)
+    with contextlib.suppress(Exception):  # abort() ends the controller actor: its call "fails"
+        ray.get(aborted, timeout=0)
+    _train_run.controller = None
+
+
+def trial_trainable(function: Callable[[dict[str, Any]], None]) -> type:
+    """Tune's class for a function trainable, with a cleanup that aborts the trial's Train run."""
+
+    class SweetspotTrial(wrap_function(function)):  # type: ignore[misc]
+        # Methods of this class are pickled by value: they may reference module-level functions
+        # (pickled by name), but not ``_train_run`` itself (a lock cannot be pickled).
+        def register_train_controller(self, controller: Any) -> None:
+            _register_train_controller(controller)
+
+        def cleanup(self) -> None:
+            _abort_train_run()
+            super().cleanup()
+
+    return SweetspotTrial

@@ -1,0 +1,206 @@
+"""A study outlives its driver: Ctrl-C, then SIGKILL, then a grid that grew. Nothing trains twice.
+
+Each ``sweetspot run`` is a real process with its own local Ray (the driver must be killable),
+on a 3-trial study that runs one trial at a time. The trainer's timeline (``SWEETSPOT_TIMELINE``)
+records every epoch every trial trained, across all three processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from trainer.loop import TIMELINE_ENV
+
+STUDY = """
+name: resume
+base:
+  model:
+    backbone: vit_mini
+    moe: {{top_k: 1, capacity_factor: 2.0}}
+  data: {{train_samples: 1024}}
+  recipe: {{epochs: 4, batch_size: 64, lr: 0.003}}
+grid:
+  placement: [none, last2]    # the dense baseline collapses to one trial
+  experts: {experts}
+max_failures: 0
+resources:
+  workers: 1
+  cpus_per_worker: 0.5
+  max_concurrent_trials: 1    # one trial at a time: a deterministic order to interrupt
+output: {output}
+"""
+EPOCHS = 4
+TIMEOUT_S = 300
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[[Path, Path], subprocess.Popen[str]]]:
+    """``start(study, timeline)``: a ``sweetspot run`` process; any still running at the end is killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def run(study: Path, timeline: Path) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "run", str(study)],
+            env={**os.environ, TIMELINE_ENV: str(timeline)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+class _Runs:
+    """The study's trial runs in MLflow, by trial name."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+
+    def read(self) -> dict[str, dict]:
+        if not self._has_trials():
+            return {}
+        client = MlflowClient(f"sqlite:///{self.db}")
+        experiment = client.get_experiment_by_name("resume")
+        if experiment is None:
+            return {}
+        found = {}
+        for run in client.search_runs([experiment.experiment_id]):
+            if run.data.tags.get("sweetspot.kind") != "trial":
+                continue
+            history = client.get_metric_history(run.info.run_id, "val_top1")
+            found[run.data.tags["sweetspot.trial_name"]] = {
+                "status": run.info.status,
+                "end_time": run.info.end_time,
+                "epochs": sorted(point.step for point in history),
+                "resumes": {p.step: p.value for p in client.get_metric_history(run.info.run_id, "resumes")},
+                "hash": run.data.tags["sweetspot.trial_hash"],
+            }
+        return found
+
+    def wait_for(self, condition: Callable[[dict[str, dict]], bool], process: subprocess.Popen[str]) -> dict:
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            runs = self.read()
+            if condition(runs):
+                return runs
+            if process.poll() is not None:
+                pytest.fail(f"run exited ({process.returncode}) before the moment to interrupt it:\n{_output(process)}")
+            time.sleep(0.25)
+        process.kill()
+        pytest.fail(f"timed out waiting; runs: {self.read()}\n{_output(process)}")
+
+
+    def _has_trials(self) -> bool:
+        """Whether the run created a trial run yet: before that, its MLflow may still be creating
+        the database's tables, and a client opened now would race it to create them."""
+        if not self.db.is_file():
+            return False
+        try:
+            with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as db:
+                return db.execute("SELECT 1 FROM tags WHERE key = 'sweetspot.kind' AND value = 'trial'").fetchone() is not None
+        except sqlite3.Error:
+            return False
+
+
+def _wait(condition: Callable[[], bool], process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"run exited ({process.returncode}) before the moment to kill it:\n{_output(process)}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for an epoch to be trained")
+        time.sleep(0.1)
+
+
+def _output(process: subprocess.Popen[str]) -> str:
+    return process.communicate(timeout=60)[0] if process.stdout else ""
+
+
+def _trained_epochs(timeline: Path) -> dict[str, list[int]]:
+    """Every epoch each trial (by hash) finished training, in every process, in order."""
+    trained: dict[str, list[int]] = {}
+    for line in timeline.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a trainer is writing right now
+        if record["event"] == "epoch_end":
+            trained.setdefault(record["trial"], []).append(record["epoch"])
+    return trained
+
+
+@pytest.mark.ray
+def test_interrupted_and_killed_study_resumes_and_only_new_trials_train(
+    tmp_path: Path, start: Callable[[Path, Path], subprocess.Popen[str]]
+) -> None:
+    study, timeline, output = tmp_path / "resume.yaml", tmp_path / "timeline.jsonl", tmp_path / "out"
+    study.write_text(STUDY.format(experts="[2, 4]", output=output))
+    runs = _Runs(output / "mlflow.db")
+
+    # 1. Ctrl-C while the second trial trains: it is stopped cleanly and marked KILLED; exit 130.
+    first = start(study, timeline)
+    before_ctrl_c = runs.wait_for(
+        lambda r: sum(t["status"] == "FINISHED" for t in r.values()) == 1
+        and any(t["status"] == "RUNNING" and t["epochs"] for t in r.values()),
+        first,
+    )
+    first.send_signal(signal.SIGINT)
+    text = _output(first)
+    assert first.returncode == 130, text
+    assert "interrupted: unfinished trials are marked KILLED" in text
+    after_ctrl_c = runs.read()
+    [done] = [name for name, t in after_ctrl_c.items() if t["status"] == "FINISHED"]
+    [interrupted] = [name for name, t in before_ctrl_c.items() if t["status"] == "RUNNING"]
+    assert after_ctrl_c[interrupted]["status"] == "KILLED"
+    assert len(after_ctrl_c) == 2  # the third trial never started
+
+    # 2. SIGKILL the driver as soon as the interrupted trial trained an epoch from its checkpoint.
+    resumed_from = max(after_ctrl_c[interrupted]["epochs"])
+    trained_before = len(_trained_epochs(timeline)[before_ctrl_c[interrupted]["hash"]])
+    second = start(study, timeline)
+    _wait(lambda: len(_trained_epochs(timeline).get(before_ctrl_c[interrupted]["hash"], [])) > trained_before, second)
+    second.kill()
+    second.communicate(timeout=60)
+
+    # 3. A value added to the grid: one more trial. The next run finishes the study.
+    study.write_text(STUDY.format(experts="[2, 4, 8]", output=output))
+    third = start(study, timeline)
+    text = third.communicate(timeout=TIMEOUT_S)[0]
+    assert third.returncode == 0, text
+    assert "1 trials already FINISHED in MLflow: skipped." in text
+
+    final = runs.read()
+    assert len(final) == 4 and all(t["status"] == "FINISHED" for t in final.values()), final
+    assert all(t["epochs"] == list(range(1, EPOCHS + 1)) for t in final.values())
+    # The finished trial was not touched again.
+    assert final[done]["end_time"] == after_ctrl_c[done]["end_time"]
+    # Every trial trained each of its epochs exactly once, over the three runs together: the
+    # interrupted one resumed from its checkpoints twice (Ctrl-C, then SIGKILL).
+    trained = _trained_epochs(timeline)
+    every_epoch = list(range(1, EPOCHS + 1))
+    assert {name: sorted(trained[t["hash"]]) for name, t in final.items()} == {name: every_epoch for name in final}
+    # Its MLflow history says so too: epochs up to the first interrupt from the first start, the
+    # last one after a restart from a checkpoint (the count of restarts is in the checkpoints,
+    # so a start killed before it saved one is not counted).
+    resumes = final[interrupted]["resumes"]
+    assert all(resumes[epoch] == 0 for epoch in range(1, resumed_from + 1))
+    assert resumes[EPOCHS] >= 1
+    new = [name for name in final if name not in after_ctrl_c]
+    assert all(set(final[name]["resumes"].values()) == {0} for name in new)
