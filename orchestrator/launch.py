@@ -110,11 +110,13 @@ def build_stopper(spec: StudySpec) -> StopRule | None:
     return StopRule(spec.stop) if spec.stop is not None else None
 
 
-def check_fits(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
-    """How many trials fit at once; ResourceError when not even one does."""
+def check_fits(resources: ResourcesSpec, nodes: list[dict[str, float]]) -> int:
+    """How many trials fit at once on a cluster of these nodes (each node's resources);
+    ResourceError, with what is missing, when not even one trial ever can."""
     cpus = TRIAL_DRIVER_CPUS + resources.workers * resources.cpus_per_worker
     gpus = resources.workers * resources.gpus_per_worker
-    have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    have_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    have_gpus = sum(node.get("GPU", 0.0) for node in nodes)
     if cpus > have_cpus + 1e-9 or gpus > have_gpus + 1e-9:
         raise ResourceError(
             f"a trial needs {cpus:g} CPUs and {gpus:g} GPUs ({resources.workers} workers × "
@@ -122,10 +124,37 @@ def check_fits(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
             f"for the trial driver) but the Ray cluster has {have_cpus:g} CPUs and {have_gpus:g} GPUs; "
             "lower resources.workers or resources.cpus_per_worker/gpus_per_worker"
         )
+    worker = f"a worker ({resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker:g} GPU)"
+    hosts = [node for node in nodes if _holds(node, resources, 1)]
+    if not hosts:
+        raise ResourceError(f"no node of the Ray cluster has room for {worker}; {_largest(nodes)}")
+    strategy = resources.placement_strategy
+    if strategy == "STRICT_PACK" and not any(_holds(node, resources, resources.workers) for node in nodes):
+        raise ResourceError(
+            f"placement_strategy STRICT_PACK puts all {resources.workers} workers on one node, and no node "
+            f"has room for them; {_largest(nodes)}; use PACK, or fewer workers"
+        )
+    if strategy == "STRICT_SPREAD" and len(hosts) < resources.workers:
+        raise ResourceError(
+            f"placement_strategy STRICT_SPREAD puts each of the {resources.workers} workers on its own node, "
+            f"but only {len(hosts)} node(s) have room for {worker}; use SPREAD or PACK, or fewer workers"
+        )
     fits = math.floor((have_cpus + 1e-9) / cpus)
     if gpus:
         fits = min(fits, math.floor((have_gpus + 1e-9) / gpus))
     return max(1, fits)
+
+
+def _holds(node: dict[str, float], resources: ResourcesSpec, workers: int) -> bool:
+    return (
+        node.get("CPU", 0.0) + 1e-9 >= workers * resources.cpus_per_worker
+        and node.get("GPU", 0.0) + 1e-9 >= workers * resources.gpus_per_worker
+    )
+
+
+def _largest(nodes: list[dict[str, float]]) -> str:
+    biggest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)))
+    return f"its largest node has {biggest.get('CPU', 0.0):g} CPUs and {biggest.get('GPU', 0.0):g} GPUs"
 
 
 @dataclass(frozen=True)
@@ -252,7 +281,8 @@ def run_study(
         os.environ[_STRICT_METRICS_ENV] = "1"
     try:
         cluster = ray.cluster_resources()
-        concurrency = check_fits(spec.resources, cluster)
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        concurrency = check_fits(spec.resources, nodes)
         if spec.resources.max_concurrent_trials:
             concurrency = min(concurrency, spec.resources.max_concurrent_trials)
         if on_start is not None:

@@ -35,12 +35,17 @@ class ResourcesSpec(_Strict):
         cpus_per_worker: logical CPUs reserved per worker (fractions allowed).
         gpus_per_worker: GPUs per worker; 0 trains on CPU with gloo.
         max_concurrent_trials: trials running at once; default: as many as the cluster fits.
+        placement_strategy: how a trial's workers are placed on the cluster's nodes (Ray's
+            placement group strategies): ``PACK`` (as few nodes as possible, the default),
+            ``SPREAD`` (as many as possible), ``STRICT_PACK`` (all on one node: NVLink between the
+            ranks, the fastest all-to-all), ``STRICT_SPREAD`` (each worker on its own node).
     """
 
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     @field_validator("cpus_per_worker", "gpus_per_worker", mode="before")
     @classmethod

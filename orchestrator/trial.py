@@ -76,6 +76,7 @@ def run_trial(
             num_workers=resources["workers"],
             use_gpu=gpus > 0,
             resources_per_worker={"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})},
+            placement_strategy=resources["placement_strategy"],
         ),
         run_config=ray.train.RunConfig(
             name=payload["train_run"],

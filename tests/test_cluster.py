@@ -36,12 +36,11 @@ grid:
   placement: [none, last2]
   experts: [2]
 max_failures: 0
-resources:
-  workers: 1
-  cpus_per_worker: 0.5
+resources: {resources}
 output: {output}
 storage_path: {storage}        # what every node of a real cluster would mount
 """
+ONE_WORKER = "{workers: 1, cpus_per_worker: 0.5}"
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120
 
@@ -86,7 +85,7 @@ TOKEN = secrets.token_hex(32)
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, "RAY_AUTH_TOKEN": TOKEN}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     """A one-node Ray cluster (2 CPUs) that asks its clients for a token: its address."""
     port = _free_port()
@@ -105,9 +104,10 @@ def ray_cluster() -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An MLflow tracking server (sqlite backend, artifacts served from a folder): its URI."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -137,7 +137,7 @@ def test_study_joins_a_ray_cluster_and_tracks_to_an_mlflow_server(
 ) -> None:
     study = tmp_path / "cluster.yaml"
     storage = tmp_path / "shared"
-    study.write_text(STUDY.format(output=tmp_path / "out", storage=storage))
+    study.write_text(STUDY.format(output=tmp_path / "out", storage=storage, resources=ONE_WORKER))
     command = [sys.executable, "-m", "orchestrator.cli", "run", str(study),
                "--address", ray_cluster, "--tracking-uri", mlflow_server]  # fmt: skip
     run = subprocess.run(command, check=False, env=ENV, capture_output=True, text=True, timeout=600)
@@ -166,3 +166,25 @@ def test_study_joins_a_ray_cluster_and_tracks_to_an_mlflow_server(
     )  # fmt: skip
     assert status.returncode == 0, status.stderr
     assert '"state": "done"' in status.stdout
+
+
+@pytest.mark.ray
+def test_a_trial_the_cluster_can_never_place_is_rejected_before_anything_starts(
+    ray_cluster: str, mlflow_server: str, tmp_path: Path
+) -> None:
+    study = tmp_path / "spread.yaml"
+    # Each worker on its own node, and this cluster has one node.
+    spread = "{workers: 2, cpus_per_worker: 0.5, placement_strategy: STRICT_SPREAD}"
+    text = STUDY.format(output=tmp_path / "out", storage=tmp_path / "shared", resources=spread)
+    study.write_text(text.replace("name: cluster", "name: spread"))
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(study),
+               "--address", ray_cluster, "--tracking-uri", mlflow_server]  # fmt: skip
+    run = subprocess.run(command, check=False, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "STRICT_SPREAD puts each of the 2 workers on its own node, but only 1 node(s)" in run.stderr
+    assert "Traceback" not in run.stderr
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("spread")
+    trials = MlflowClient(mlflow_server).search_runs(
+        [experiment.experiment_id], filter_string="tags.`sweetspot.kind` = 'trial'"
+    )
+    assert trials == []  # nothing started
