@@ -282,8 +282,9 @@ def table(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
 ) -> None:
-    """Print the study's result table from MLflow: one row per configuration (mean ± std over its
-    seeds), in study order, laid out by the study's `table:` section."""
+    """Print the study's result table from MLflow (one row per configuration, seeds as mean ± std).
+
+    Rows in study order, laid out by the study's `table:` section."""
     from dashboards.tables import render
     from orchestrator.results import collect
     from orchestrator.tracking import StudyStore
@@ -322,8 +323,9 @@ def figures(
     ] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
 ) -> None:
-    """Write the study's paper-style figures (PNG and SVG): the Pareto front, the experts × mlp_ratio
-    heatmap, and the routing analysis of each MoE configuration."""
+    """Write the study's paper figures (PNG and SVG): Pareto front, experts × mlp_ratio, routing.
+
+    The routing figures are drawn from each MoE configuration's routing analysis."""
     from dashboards.figures import fetch_routing, write_study_figures
     from orchestrator.results import collect
     from orchestrator.status import open_store
