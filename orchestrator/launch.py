@@ -31,7 +31,8 @@ from ray.tune.stopper import CombinedStopper, Stopper
 from orchestrator.expand import Trial
 from orchestrator.lineage import InitSource, train_run_name
 from orchestrator.spec import ResourcesSpec, StopSpec, StudySpec
-from orchestrator.tracking import TAG_INIT_CHECKPOINT, TAG_INIT_TRIAL, MLflowTracking, StudyStore
+from orchestrator.tags import TAG_INIT_CHECKPOINT, TAG_INIT_TRIAL
+from orchestrator.tracking import MLflowTracking, StudyStore
 from orchestrator.trial import (
     LOCAL_TRAIN_ENV_DEFAULTS,
     TRAIN_ENV_DEFAULTS,

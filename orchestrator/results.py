@@ -16,10 +16,7 @@ import pandas as pd
 
 from orchestrator.expand import Trial
 from orchestrator.spec import FINAL_METRICS
-
-# The light copy of the tag: orchestrator.tracking pulls in Ray Tune and torch (~8 s), and the
-# table (like `sweetspot status`, which imports dashboards.tables) is a quick read.
-from orchestrator.status import TAG_HASH
+from orchestrator.tags import TAG_HASH, TAG_STOPPED_EARLY
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -42,11 +39,11 @@ LOWER_IS_BETTER = ("loss", "error", "dropped", "_cv", "time")
 # Columns that describe a configuration (the same for each of its seeds), besides its axes.
 DESCRIPTIVE = ("name", "backbone", "dense", "params_total_m", "params_active_m", "gflops")
 # Per-trial columns that are neither metrics nor axes.
-_NOT_METRICS = {*DESCRIPTIVE, "seed", "hash", "status", "epoch"}
+_NOT_METRICS = {*DESCRIPTIVE, "seed", "hash", "status", "stopped_early", "epoch"}
 
 
 def collect(trials: list[Trial], store: StudyStore, metrics: list[str]) -> pd.DataFrame:
-    """Columns: name, seed, hash, status, epoch, backbone, dense, params_total_m, params_active_m,
+    """Columns: name, seed, hash, status, stopped_early, epoch, backbone, dense, params_total_m, params_active_m,
     gflops, then ``metrics`` (their last logged value), then the metrics every trial logs after
     training where some run has them (``inference_images_per_s``, ``ood_<set>_top1`` …), then one
     ``axis.<axis>`` column per axis (its values as the trials have them: ``None`` for the MoE axes
@@ -64,6 +61,9 @@ def collect(trials: list[Trial], store: StudyStore, metrics: list[str]) -> pd.Da
             "seed": trial.seed,
             "hash": trial.short_hash,
             "status": run.info.status if run else NOT_RUN,
+            # FINISHED before its last epoch by the study's scheduler or stop rule: its numbers
+            # are not those of a full run, and the table says so.
+            "stopped_early": bool(run) and run.data.tags.get(TAG_STOPPED_EARLY) == "true",
             "epoch": _epoch(store, run.info.run_id) if run else 0,
             "backbone": trial.config.model.backbone,
             "dense": trial.config.model.is_dense,
@@ -175,8 +175,9 @@ def _configuration(trials: pd.DataFrame, metrics: list[str]) -> dict[str, Any]:
         for column in trials.columns
         if column in DESCRIPTIVE or column.startswith("axis.")
     }
+    stopped = int(trials["stopped_early"].sum()) if "stopped_early" in trials else 0
     row |= {
-        "status": status_summary(trials["status"]),
+        "status": status_summary(trials["status"]) + (f", {stopped} stopped early" if stopped else ""),
         "seeds": len(trials),
         "n": len(finished),
         "epoch": int(trials["epoch"].max()) if "epoch" in trials else 0,

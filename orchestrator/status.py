@@ -36,12 +36,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.expand import Trial
 from orchestrator.spec import StudySpec
+from orchestrator.tags import TAG_ERROR, TAG_HASH, TAG_KIND
 
-# The tags orchestrator.tracking writes. Not imported from there: that module pulls in Ray Tune
-# and torch (~10 s), and status is a quick read. tests/test_status.py pins them equal.
-TAG_KIND = "sweetspot.kind"
-TAG_HASH = "sweetspot.trial_hash"
-TAG_ERROR = "sweetspot.error"
 # Logged by the trainer at every epoch (step = epoch): the epoch count and one timestamp per epoch.
 EPOCHS_METRIC = "epochs_total"
 

@@ -23,24 +23,24 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from orchestrator.expand import Trial
 from orchestrator.spec import SchedulerSpec, StopSpec, StudySpec
+from orchestrator.tags import (
+    TAG_AXIS,
+    TAG_ERROR,
+    TAG_HASH,
+    TAG_KIND,
+    TAG_NAME,
+    TAG_PARENT,
+    TAG_SEED,
+    TAG_STOP_REASON,
+    TAG_STOP_WARNING,
+    TAG_STOPPED_EARLY,
+    TAG_STUDY,
+)
 from trainer.config import flatten
 from trainer.data import input_spec
 from trainer.loop import ROUTING_FILE
 from trainer.models.accounting import model_cost
 
-TAG_KIND = "sweetspot.kind"
-TAG_STUDY = "sweetspot.study"
-TAG_HASH = "sweetspot.trial_hash"
-TAG_NAME = "sweetspot.trial_name"
-TAG_SEED = "sweetspot.seed"
-TAG_ERROR = "sweetspot.error"
-TAG_AXIS = "sweetspot.axis."
-TAG_PARENT = "mlflow.parentRunId"
-TAG_INIT_CHECKPOINT = "sweetspot.init_checkpoint"
-TAG_INIT_TRIAL = "sweetspot.init_trial"
-TAG_STOPPED_EARLY = "sweetspot.stopped_early"
-TAG_STOP_REASON = "sweetspot.stop_reason"
-TAG_STOP_WARNING = "sweetspot.stop_warning"
 # Files a worker leaves next to its last checkpoint that belong in the trial's MLflow artifacts.
 CHECKPOINT_ARTIFACTS = (ROUTING_FILE,)
 # Text a worker reports about how it ran (not a metric): result key → run tag.

@@ -15,8 +15,6 @@ import pytest
 from mlflow.entities import Metric
 from typer.testing import CliRunner
 
-from orchestrator import status as status_module
-from orchestrator import tracking
 from orchestrator.cli import app, experiment_url, ui_argv
 from orchestrator.expand import Trial, expand
 from orchestrator.spec import StudySpec, load_study
@@ -105,12 +103,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     store.finish(runs[f"{MOE4} 1"], "KILLED")
     now = starts[f"{DENSE} 1"] / 1000 + 100
     return Study(path, spec, trials, store, starts, now)
-
-
-def test_tag_names_are_the_ones_tracking_writes() -> None:
-    assert status_module.TAG_KIND == tracking.TAG_KIND
-    assert status_module.TAG_HASH == tracking.TAG_HASH
-    assert status_module.TAG_ERROR == tracking.TAG_ERROR
 
 
 def test_status_rows_have_each_trials_state_epoch_metrics_and_error(study: Study) -> None:

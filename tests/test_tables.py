@@ -255,6 +255,18 @@ def test_unfinished_configurations_are_shown_with_their_status_and_count_only_fi
     assert "[1/2 finished, 1 failed]" in pivot and "– [NOT RUN]" in pivot
 
 
+@pytest.mark.ray
+def test_a_configuration_with_a_seed_stopped_early_says_so(tiny_study: Any) -> None:
+    results = per_trial(tiny_study)
+    assert not results["stopped_early"].any()  # the tiny study stops nothing early
+    results.loc[results["name"] == MOE[0], "stopped_early"] = [False, True]
+    configurations = aggregate(results)
+    assert configurations.iloc[1]["status"] == "FINISHED, 1 stopped early"
+    assert configurations.iloc[1]["n"] == 2  # its numbers still count, marked
+    rows = md_rows(render(results, tiny_study.spec.table, "md"))
+    assert rows[1][-1] == "FINISHED, 1 stopped early" and rows[0][-1] == "FINISHED"
+
+
 def test_status_summary_counts_each_kind_of_seed() -> None:
     assert status_summary(["FINISHED", "FINISHED"]) == "FINISHED"
     assert status_summary(["FAILED"]) == "FAILED"
