@@ -1,4 +1,4 @@
-"""``sweetspot``: validate, plan, run and tabulate MoE ablation studies.
+"""``sweetspot``: validate, plan, run, tabulate and report MoE ablation studies.
 
 Exit codes: 0 success, 1 a study ran but some trial failed (or there is nothing to
 tabulate), 2 bad input (the study file, an option, resources that can never fit, a Ray
@@ -209,7 +209,8 @@ def run(
     _use_token_auth_to_join(address)  # before anything imports ray
     from orchestrator.launch import ClusterError, ResourceError, run_study
     from orchestrator.lineage import LineageError, resolve_inits
-    from orchestrator.progress import StudyProgress, last_line
+    from orchestrator.progress import StudyProgress
+    from orchestrator.status import last_line
     from orchestrator.tracking import StudyStore
 
     spec, trials = _load(study)
@@ -352,6 +353,51 @@ def figures(
     paths = write_study_figures(results, routing, folder, metric)
     figures_written = len({path.with_suffix("") for path in paths})
     out.print(f"wrote {figures_written} figures (PNG and SVG) to {folder}", markup=False)
+
+
+@app.command()
+def report(
+    study: StudyPath,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="The HTML file to write (default: <output>/report.html)."),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """Write the study's report: one self-contained HTML page to mail to a colleague.
+
+    The summary, the result table, every figure, a link to each trial's MLflow run, the failures
+    and the study file."""
+    import tempfile
+
+    from dashboards.figures import fetch_routing, write_study_figures
+    from dashboards.report import write_report
+    from orchestrator.results import collect
+    from orchestrator.status import open_store
+    from orchestrator.tracking import StudyStore
+
+    spec, trials = _load(study)
+    if open_store(spec, tracking_uri) is None:
+        err.print(f"no results for study '{spec.name}' yet: run `sweetspot run {study}` first.")
+        raise typer.Exit(1)
+    store = StudyStore.open(spec, tracking_uri, create=False)
+    metric = "val_top1"
+    results = collect(trials, store, list(dict.fromkeys([*spec.table.metrics, metric])))
+    path = output or spec.output_dir / "report.html"
+    # The figures are embedded in the page, so their files are only needed while it is written.
+    with tempfile.TemporaryDirectory(prefix="sweetspot-report-") as scratch:
+        folder = Path(scratch)
+        figures: list[Path] = []
+        if (results["status"] == "FINISHED").any():  # a study whose every trial failed still gets its page
+            routing = fetch_routing(store, trials, folder / "routing")
+            figures = write_study_figures(results, routing, folder, metric)
+        try:
+            write_report(study, spec, trials, store, results, figures, folder, path, tracking_uri, metric)
+        except ValueError as error:  # a pivot with two configurations in one cell
+            err.print(f"[red]error[/red] {study}: ", end="")
+            err.print(str(error), markup=False)
+            raise typer.Exit(2) from None
+    out.print(f"wrote {path}", markup=False)
 
 
 @app.command()

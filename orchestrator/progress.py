@@ -24,6 +24,7 @@ from rich.progress import (
 
 from orchestrator.expand import Trial
 from orchestrator.launch import LaunchInfo
+from orchestrator.status import last_line
 
 _EPOCH_METRICS = {"train_loss": "loss {:.3f}", "val_top1": "top-1 {:.1f}%", "images_per_s": "{:.0f} im/s"}
 
@@ -122,8 +123,3 @@ class StudyProgress:
     def _counts(self) -> str:
         failed = f" · [red]{self._failed} failed[/red]" if self._failed else ""
         return f"trials {self._finished}/{self._total} done · {self._running} running{failed}"
-
-
-def last_line(error: str) -> str:
-    """The exception line of a traceback: what a person needs to see first."""
-    return next((line.strip() for line in reversed(error.strip().splitlines()) if line.strip()), error)
