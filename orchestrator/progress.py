@@ -68,6 +68,8 @@ class StudyProgress:
         )
         if info.dashboard_url:
             self.console.print(f"Ray dashboard: {info.dashboard_url}")
+        elif info.address == "local":
+            self.console.print("Ray dashboard: not started (`sweetspot run --dashboard` starts it)")
         self._epochs = {t.hash: t.config.recipe.epochs for t in info.trials}
         self._total = len(info.trials)
         self._task = self._progress.add_task(self.study, total=sum(self._epochs.values()), trials=self._counts())
