@@ -70,7 +70,11 @@ def run_trial(
     gpus = resources["gpus_per_worker"]
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial": payload["trial"], "init_checkpoint": payload.get("init_checkpoint")},
+        train_loop_config={
+            "trial": payload["trial"],
+            "name": f"{payload['name']} s{payload['trial']['seed']}",
+            "init_checkpoint": payload.get("init_checkpoint"),
+        },
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources["workers"],

@@ -169,7 +169,7 @@ class _LayerAccumulator:
         }
 
 
-def _named_layers(model: MoEModel) -> list[tuple[str, MoELayer]]:
+def named_moe_layers(model: MoEModel) -> list[tuple[str, MoELayer]]:
     """The model's MoE layers in network order, named ``block<i>`` (module path where no block is known)."""
     named = [
         (f"block{module.block_index}" if module.block_index is not None else path, module)
@@ -243,7 +243,7 @@ def analyze_routing(
         ValueError: the loader yielded no batch or no real image, or a layer's tokens do not
             match its grid.
     """
-    named = _named_layers(model)
+    named = named_moe_layers(model)
     if not named:
         return {}
     was_training = model.training

@@ -28,6 +28,7 @@ from trainer import recipe as recipes
 from trainer.analysis import analyze_routing, save_routing
 from trainer.config import TrialConfig
 from trainer.data import OODEval, input_spec, load_datasets, load_ood_sets, restrict_logits
+from trainer.live_metrics import LiveMetrics, expert_shares
 from trainer.models import MoEModel, build_model
 from trainer.models.accounting import time_inference
 from trainer.moe import parallel
@@ -50,7 +51,8 @@ def worker(config: dict[str, Any]) -> None:
     resolved by the orchestrator from ``recipe.init_from``.
     """
     init = config.get("init_checkpoint")
-    train(TrialConfig.model_validate(config["trial"]), RayTrainReporter(), Path(init) if init else None)
+    reporter = RayTrainReporter(trial_name=config.get("name", ""))
+    train(TrialConfig.model_validate(config["trial"]), reporter, Path(init) if init else None)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
         trial,
         env,
         expert_group,
+        reporter.live_metrics(trial) if env.rank == 0 else None,
     )
     _mark("first_step", env, trial)
     for epoch in range(start_epoch, recipe.epochs):
@@ -285,6 +288,7 @@ class _Step:
     trial: TrialConfig
     env: _Dist
     expert_group: dist.ProcessGroup | None
+    live: LiveMetrics | None = None  # rank 0 under Ray: gauges updated during the epoch
 
     def epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
         env, model = self.env, self.model
@@ -324,6 +328,13 @@ class _Step:
             for key, value in model.routing_stats().items():
                 routing_sums[key] = routing_sums.get(key, 0.0) + value
             images += inputs.shape[0]
+            if self.live is not None and self.live.due():
+                steps = step + 1
+                # Rank 0's running means; its throughput × world stands for the trial's.
+                running = {"train_loss": loss_sum / steps, "aux_loss": aux_sum / steps, "epoch": epoch + 1}
+                running |= {key: total / steps for key, total in routing_sums.items()}
+                running["images_per_s"] = images * env.world / max(time.perf_counter() - started, 1e-9)
+                self.live.update(running, expert_shares(model))
         elapsed = time.perf_counter() - started
         routing_keys = sorted(routing_sums)
         totals = env.all_sum([loss_sum, aux_sum, float(images), *(routing_sums[k] for k in routing_keys)])

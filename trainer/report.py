@@ -14,7 +14,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from trainer.config import TrialConfig
+    from trainer.live_metrics import LiveMetrics
 
 
 class Reporter(Protocol):
@@ -24,9 +28,21 @@ class Reporter(Protocol):
     def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
         """A context manager yielding the folder of the last checkpoint, or None."""
 
+    def live_metrics(self, trial: TrialConfig) -> LiveMetrics | None:
+        """Where rank 0 publishes metrics during an epoch, if anywhere."""
+
 
 class RayTrainReporter:
-    """Reports through ``ray.train.report``; Train V2 persists checkpoints and restores them."""
+    """Reports through ``ray.train.report``; Train V2 persists checkpoints and restores them.
+    During an epoch, rank 0 sets Ray metrics (:mod:`trainer.live_metrics`)."""
+
+    def __init__(self, trial_name: str = "") -> None:
+        self.trial_name = trial_name
+
+    def live_metrics(self, trial: TrialConfig) -> LiveMetrics | None:
+        from trainer.live_metrics import LiveMetrics
+
+        return LiveMetrics(trial.trial_hash, self.trial_name)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
@@ -79,3 +95,6 @@ class LocalReporter:
     def latest_checkpoint(self) -> Iterator[Path | None]:
         target = self.out_dir / "checkpoint"
         yield target if target.is_dir() else None
+
+    def live_metrics(self, trial: TrialConfig) -> LiveMetrics | None:
+        return None  # standalone: the JSON lines are the record
