@@ -592,7 +592,11 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def _save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg``; SVG without a date or random ids, so reruns are identical."""
+    """Write ``stem.png`` and ``stem.svg``; SVG without a date or random ids, so reruns are identical.
+
+    The stem may hold a layer name read from a routing file: made a plain file name (:func:`_slug`),
+    so the files land in ``out_dir`` whatever it says."""
+    stem = _slug(stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     with mpl.rc_context({"svg.hashsalt": stem}):
@@ -657,5 +661,6 @@ def _integer_ticks(ax: Axes) -> None:
 
 
 def _slug(label: str) -> str:
-    """A folder name from a trial label (names have spaces and commas)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "trial"
+    """A file or folder name from a label (names have spaces and commas): never a path, never
+    ``.``, ``..`` or hidden, so what is written under a folder stays in it."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._-") or "trial"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from dashboards.tables import HEADINGS, render
+from orchestrator.redact import redact
 from orchestrator.results import FINISHED, NOT_RUN
 from orchestrator.spec import StudySpec, TableSpec
 from orchestrator.status import last_line
@@ -212,15 +213,15 @@ def write_report(
     """
     report = Report(
         name=spec.name,
-        description=spec.description,
+        description=redact(spec.description),
         generated=datetime.now().astimezone(),
         study_file=str(study),
-        spec_text=study.read_text(encoding="utf-8"),
+        spec_text=redact(study.read_text(encoding="utf-8")),  # a page to mail: no credentials on it
         results=results,
         tables=result_tables(results, spec.table),
         figures=report_figures(figures, figures_dir, results, metric),
         runs=trial_runs(store, trials),
-        tracking_uri=tracking_uri or spec.tracking_uri,
+        tracking_uri=redact(tracking_uri or spec.tracking_uri),
         experiment_id=store.experiment_id,
         metric=metric,
     )
@@ -466,7 +467,7 @@ def failures_section(results: pd.DataFrame, runs: dict[str, TrialRun]) -> str:
             items.append(f"<li>{label}: no error text was recorded.</li>")
             continue
         reason = f'<code class="error">{_text(last_line(error))}</code>'
-        full = f"<details><summary>Full error</summary><pre>{_text(error)}</pre></details>"
+        full = f"<details><summary>Full error</summary><pre>{_text(redact(error))}</pre></details>"
         items.append(f"<li>{label}: {reason}{full}</li>")
     note = (
         '<p class="note">The last line of each error; the whole text is also the run\'s '

@@ -2,20 +2,24 @@
 
 Exit codes: 0 success, 1 a study ran but some trial failed (or there is nothing to
 tabulate), 2 bad input (the study file, an option, resources that can never fit, a Ray
-cluster that cannot be joined), 130 interrupted (Ctrl-C; the next ``run`` resumes).
+cluster that cannot be joined, an MLflow store that cannot be reached), 130 interrupted
+(Ctrl-C; the next ``run`` resumes). Credentials in URIs are redacted from what is printed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
+import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 # Tune's new console output ignores verbose=0; sweetspot prints its own progress instead.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -28,7 +32,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.expand import Trial, expand
-from orchestrator.source import StudyError
+from orchestrator.redact import redact
+from orchestrator.source import PathKey, Problem, StudyError, load
 from orchestrator.spec import StudySpec, load_study
 
 app = typer.Typer(
@@ -42,6 +47,28 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StudyPath = Annotated[Path, typer.Argument(help="The study YAML.", show_default=False)]
+
+# `run` asks for --yes above this many trials.
+MAX_TRIALS_WITHOUT_YES = 10_000
+
+
+def _tracking_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """For a command that reads MLflow: a tracking store it cannot reach or read is one line on
+    stderr (credentials redacted) and exit 2, not a traceback that shows the URI."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            command(*args, **kwargs)
+        except MlflowException as error:
+            message = next((line for line in str(error.message).splitlines() if line.strip()), "")
+            err.print("[red]error[/red] ", end="")
+            err.print(f"MLflow: {redact(message)}", markup=False)
+            raise typer.Exit(2) from None
+
+    return checked
 
 
 class PlanFormat(str, Enum):
@@ -68,31 +95,80 @@ def _load(path: Path) -> tuple[StudySpec, list[Trial]]:
         spec, source = load_study(path)
         return spec, expand(spec, source)
     except StudyError as error:
-        for problem in error.problems:
-            err.print("[red]error[/red] ", end="")
-            err.print(str(problem), markup=False)
-        noun = "problem" if len(error.problems) == 1 else "problems"
-        err.print(f"{path}: {len(error.problems)} {noun}; nothing was run.", markup=False)
-        raise typer.Exit(2) from None
+        problems = error.problems
+    _refuse(path, problems)
+
+
+def _refuse(path: Path, problems: Iterable[Problem]) -> NoReturn:
+    """Exit 2 (bad input) with one located line per problem: nothing was run."""
+    problems = list(problems)
+    for problem in problems:
+        err.print("[red]error[/red] ", end="")
+        err.print(str(problem), markup=False)
+    noun = "problem" if len(problems) == 1 else "problems"
+    err.print(f"{path}: {len(problems)} {noun}; nothing was run.", markup=False)
+    raise typer.Exit(2)
 
 
 def _check_data(path: Path, trials: list[Trial]) -> None:
-    """Exit 2 before anything starts when data this machine can see is missing or malformed."""
+    """Exit 2 before anything starts when what the trials need on this machine is missing: data
+    this machine can see that is missing or malformed, or the tutel backend where tutel is not
+    installed. Each problem is located at the line of the study file that asks for it."""
     from trainer.data import check_data
+    from trainer.moe import tutel_backend
 
-    problems: list[str] = []
+    source = load(path)
+    problems: dict[str, Problem] = {}
     seen: set[str] = set()
     for trial in trials:
-        key = trial.config.data.model_dump_json()
-        if key not in seen:
-            seen.add(key)
-            problems += [p for p in check_data(trial.config.data) if p not in problems]
-    for problem in problems:
-        err.print("[red]error[/red] ", end="")
-        err.print(f"{path}: data: {problem}", markup=False)
+        data = trial.config.data
+        if data.model_dump_json() not in seen:
+            seen.add(data.model_dump_json())
+            for message in check_data(data):
+                problem = source.problem(trial.origin(_data_field(message, data)), message)
+                problems.setdefault(str(problem), problem)
+        moe = trial.config.model.moe
+        if not trial.config.model.is_dense and moe.backend == "tutel" and not tutel_backend.available():
+            problem = source.problem(trial.origin(("model", "moe", "backend")), TUTEL_MISSING)
+            problems.setdefault(str(problem), problem)
     if problems:
-        err.print(f"{path}: {len(problems)} data problem(s); nothing was run.", markup=False)
-        raise typer.Exit(2)
+        _refuse(path, problems.values())
+
+
+TUTEL_MISSING = (
+    "backend 'tutel', but tutel is not installed here (it is not on PyPI: "
+    "pip install --no-build-isolation git+https://github.com/microsoft/tutel@main); "
+    "or use backend 'auto' (tutel where it is installed, else native) or 'native'"
+)
+
+
+def _data_field(message: str, data: Any) -> tuple[PathKey, ...]:
+    """The data field a :func:`trainer.data.check_data` sentence is about: it starts with the field
+    (``data.root '...' is not a folder``, ``data.ood 'r': ...``); else the root, whose folders it
+    is about."""
+    match = re.match(r"data\.(ood '(?P<ood>[a-z0-9_]+)': (?P<root>root )?|(?P<field>[a-z_]+))", message)
+    if match and match["ood"]:
+        names = [ood.metric_name for ood in data.ood]
+        if match["ood"] not in names:
+            return ("data", "ood")
+        return ("data", "ood", names.index(match["ood"]), *(("root",) if match["root"] else ()))
+    if match and match["field"] in type(data).model_fields:
+        return ("data", match["field"])
+    return ("data", "root") if data.root is not None else ("data",)
+
+
+def _check_size(path: Path, trials: list[Trial], yes: bool) -> None:
+    """Exit 2 before anything starts when a study has more than MAX_TRIALS_WITHOUT_YES trials and
+    ``--yes`` does not confirm them: a grid one axis too large is a typo worth a week of GPUs."""
+    if yes or len(trials) <= MAX_TRIALS_WITHOUT_YES:
+        return
+    reason = (
+        f"the study expands to {len(trials):,} trials, more than {MAX_TRIALS_WITHOUT_YES:,}; check the grid "
+        "and seeds (`sweetspot plan` lists the trials), or pass --yes to run them all"
+    )
+    source = load(path)
+    where = next((key for key in ("grid", "cases") if key in source.tree), "seeds")
+    _refuse(path, [source.problem((where,), reason)])
 
 
 @app.command()
@@ -105,6 +181,7 @@ def validate(study: StudyPath) -> None:
 
 
 @app.command()
+@_tracking_errors
 def plan(
     study: StudyPath,
     format: Annotated[PlanFormat, typer.Option("--format", "-f", help="Output format.")] = PlanFormat.table,
@@ -194,6 +271,7 @@ def _sum(values: Iterable[float | None], fmt: str) -> str:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     study: StudyPath,
     address: Annotated[
         str | None, typer.Option(help="Join a Ray cluster ('auto' or ray://host:port); default: start a local Ray.")
@@ -204,21 +282,35 @@ def run(
     dashboard: Annotated[bool, typer.Option(help="Start the Ray dashboard with the local Ray.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Run trials that FAILED before again.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help=f"Run a study of more than {MAX_TRIALS_WITHOUT_YES:,} trials.")
+    ] = False,
 ) -> None:
     """Run every trial of the study that is not FINISHED yet, then print the result table."""
     _use_token_auth_to_join(address)  # before anything imports ray
-    from orchestrator.launch import ClusterError, ResourceError, run_study
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.launch import ClusterError, ResourceError, StudyInterrupted, TrackingError, run_study
     from orchestrator.lineage import LineageError, resolve_inits
+    from orchestrator.lock import StudyLocked, study_lock
+    from orchestrator.outbox import HTTP_ENV_DEFAULTS
     from orchestrator.progress import StudyProgress
     from orchestrator.status import last_line
     from orchestrator.tracking import StudyStore
 
     spec, trials = _load(study)
+    _check_size(study, trials, yes)
     _check_data(study, trials)
     try:
         inits = resolve_inits(trials)
     except LineageError as error:
         err.print(f"[red]error[/red] {study}: ", end="")
+        err.print(str(error), markup=False)
+        raise typer.Exit(2) from None
+    try:
+        ctx.with_resource(study_lock(spec.output_dir, spec.name))
+    except StudyLocked as error:
+        err.print("[red]error[/red] ", end="")
         err.print(str(error), markup=False)
         raise typer.Exit(2) from None
     if not verbose:
@@ -229,8 +321,16 @@ def run(
         if not dashboard:
             # Token auth only matters to the dashboard, which this local Ray does not start.
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    store = StudyStore.open(spec, tracking_uri)
     uri = tracking_uri or spec.tracking_uri
+    for key, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        store = StudyStore.open(spec, tracking_uri)
+    except MlflowException as error:
+        err.print("[red]error[/red] ", end="")
+        err.print(f"cannot reach MLflow at {redact(uri)}: {redact(last_line(str(error)))}", markup=False)
+        err.print("Nothing was started. Is the tracking server up, and the URI right?")
+        raise typer.Exit(2) from None
     out.print(f"[bold]{spec.name}[/bold]: {len(trials)} trials · results in {spec.output_dir}")
     out.print(f"MLflow: {_mlflow_hint(study, uri, store.experiment_id)}", markup=False)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
@@ -240,18 +340,20 @@ def run(
             outcome = run_study(
                 spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
                 retry_failed=retry_failed, inits=inits, on_event=progress.on_event,
-                on_start=progress.on_start, on_interrupt=progress.on_interrupt,
+                on_start=progress.on_start, on_interrupt=progress.on_interrupt, on_outage=progress.on_outage,
             )  # fmt: skip
     except ResourceError as error:
-        err.print(f"[red]error[/red] {study}: resources: {error}")
-        raise typer.Exit(2) from None
-    except ClusterError as error:
+        _refuse(study, [load(study).problem(("resources",), str(error))])
+    except (ClusterError, TrackingError) as error:
         err.print("[red]error[/red] ", end="")
-        err.print(str(error), markup=False)
+        err.print(redact(str(error)), markup=False)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err.print(f"interrupted: unfinished trials are marked KILLED; `sweetspot run {study}` resumes them.")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:
+        # 128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM.
+        signum = error.signum if isinstance(error, StudyInterrupted) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        err.print(f"{what}: unfinished trials are marked KILLED; `sweetspot run {study}` resumes them.")
+        raise typer.Exit(128 + signum) from None
     elapsed = time.monotonic() - started
     if outcome.skipped:
         out.print(f"{len(outcome.skipped)} trials already FINISHED in MLflow: skipped.")
@@ -262,7 +364,14 @@ def run(
         f"{len(outcome.finished)} finished{stopped}, {len(outcome.failed)} failed, "
         f"{len(outcome.incomplete)} incomplete in {elapsed:.0f} s."
     )
-    _print_table(spec, trials, store)
+    if outcome.pending_writes:
+        err.print(
+            f"MLflow at {redact(uri)} is still unreachable: {outcome.pending_writes} writes (results, trial "
+            f"states) are kept in {outcome.journal}; the next `sweetspot run {study}` writes them first.",
+            markup=False,
+        )
+    else:
+        _print_table(spec, trials, store)
     by_hash = {t.hash: t for t in trials}
     for trial_hash, error in outcome.failed.items():
         trial = by_hash[trial_hash]
@@ -277,6 +386,7 @@ def run(
 
 
 @app.command()
+@_tracking_errors
 def table(
     study: StudyPath,
     format: Annotated[TableFormat, typer.Option("--format", "-f", help="Output format.")] = TableFormat.md,
@@ -309,6 +419,7 @@ def table(
 
 
 @app.command()
+@_tracking_errors
 def figures(
     study: StudyPath,
     output: Annotated[
@@ -356,6 +467,7 @@ def figures(
 
 
 @app.command()
+@_tracking_errors
 def report(
     study: StudyPath,
     output: Annotated[
@@ -401,6 +513,7 @@ def report(
 
 
 @app.command()
+@_tracking_errors
 def status(
     study: StudyPath,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
@@ -490,6 +603,7 @@ def _metric_cell(metric: str, value: float | None) -> str:
 
 
 @app.command()
+@_tracking_errors
 def ui(
     study: StudyPath,
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
@@ -507,7 +621,7 @@ def ui(
         raise typer.Exit(1)
     if uri.startswith(("http://", "https://")):
         # A tracking server already serves the UI: there is nothing to start.
-        out.print(f"{uri.rstrip('/')}/#/experiments/{store.experiment_id}", markup=False)
+        out.print(redact(f"{uri.rstrip('/')}/#/experiments/{store.experiment_id}"), markup=False)
         return
     out.print(f"{spec.name}: {experiment_url(host, port, store.experiment_id)}", markup=False)
     argv = ui_argv(uri, host, port)
@@ -570,10 +684,11 @@ def _use_token_auth_to_join(address: str | None) -> None:
 
 
 def _mlflow_hint(study: Path, uri: str, experiment_id: str) -> str:
-    """Where to watch the study in MLflow: the server's page, or how to start the UI on the store."""
+    """Where to watch the study in MLflow: the server's page, or how to start the UI on the store
+    (credentials in the URI redacted)."""
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
-    return f"sweetspot ui {study}  (or: mlflow ui --backend-store-uri {uri})"
+        return redact(f"{uri.rstrip('/')}/#/experiments/{experiment_id}")
+    return redact(f"sweetspot ui {study}  (or: mlflow ui --backend-store-uri {uri})")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ _NAMED_AXES = {
 }
 
 
+# A field of the trial config the grid or a case set, and where the study file sets it.
+Origin = tuple[tuple[str, ...], tuple[PathKey, ...]]
+
+
 @dataclass(frozen=True)
 class Trial:
     """One fully resolved configuration × one seed.
@@ -37,12 +41,15 @@ class Trial:
         config: the validated trial config.
         name: paper-style name of the configuration, the same for every seed.
         axes: label → value of every axis the study sets (``None`` for MoE axes of a dense trial).
+        origins: each field the grid or a case set (its path in the trial config) and where in
+            the study file it was written, in the order applied; see :meth:`origin`.
     """
 
     index: int
     config: TrialConfig
     name: str
     axes: dict[str, Any] = field(default_factory=dict)
+    origins: tuple[Origin, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def hash(self) -> str:
@@ -55,6 +62,17 @@ class Trial:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    def origin(self, path: tuple[str, ...]) -> tuple[PathKey, ...]:
+        """Where the study file sets this trial's field ``path`` (``("data", "root")``): inside
+        the grid value or case entry that set it or a section holding it, else under ``base``
+        (:meth:`Source.problem` points at the deepest part of it that is written)."""
+        for set_path, where in reversed(self.origins):
+            if path[: len(set_path)] == set_path:
+                return (*where, *path[len(set_path) :])
+            if set_path[: len(path)] == path:
+                return where
+        return ("base", *path)
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,9 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
 
     problems: dict[str, Problem] = {}
     configs: dict[str, TrialConfig] = {}
+    origins: dict[str, tuple[Origin, ...]] = {}
+    # Where each top_k was written → whether a trial that is not Soft MoE uses it.
+    top_k_used: dict[tuple[PathKey, ...], bool] = {}
     for case_index, case in enumerate(cases):
         case_overrides = [
             _Override(resolve_axis(axis), value, ("cases", case_index, axis)) for axis, value in case.items()
@@ -117,6 +138,12 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
                     problems.setdefault(str(problem), problem)
                     continue
                 configs.setdefault(config.trial_hash, config)  # dense duplicates collapse here
+                origins.setdefault(config.trial_hash, tuple((o.path, o.origin) for o in overrides))
+                _note_top_k(config, overrides, written, top_k_used)
+    for where, used in top_k_used.items():
+        if not used:
+            problem = source.problem(where, _SOFT_TOP_K)
+            problems.setdefault(str(problem), problem)
     if problems:
         raise StudyError(list(problems.values()))
     if not configs:
@@ -136,8 +163,9 @@ def expand(spec: StudySpec, source: Source) -> list[Trial]:
             config=config,
             name=trial_name(config, varied[trial_name(config)]),
             axes={axis_label(path): _get(config.canonical(), path) for path in axis_paths},
+            origins=origins[trial_hash],
         )
-        for index, config in enumerate(configs.values())
+        for index, (trial_hash, config) in enumerate(configs.items())
     ]
 
 
@@ -184,18 +212,49 @@ def _varied_axes(configs: list[TrialConfig], paths: list[tuple[str, ...]]) -> li
 
 
 def _locate(source: Source, err: Any, overrides: list[_Override], spec: StudySpec) -> Problem:
-    """Point an error at the override that set the failing field, else at ``base``."""
-    loc = tuple(str(k) for k in err["loc"] if isinstance(k, str))
+    """Point an error at the override that set the failing field (inside it, when it set a whole
+    section such as ``data``), else at ``base``."""
+    loc = tuple(err["loc"])
     for override in reversed(overrides):
-        inside = override.path[: len(loc)] == loc or loc[: len(override.path)] == override.path
-        if inside:
-            problem = problem_from_error(source, {**err, "loc": ()}, override.origin)
+        within = loc[: len(override.path)] == override.path
+        if within or override.path[: len(loc)] == loc:
+            rest = loc[len(override.path) :] if within else ()
+            problem = problem_from_error(source, {**err, "loc": rest}, override.origin)
             combo = ", ".join(
                 f"{axis_label(o.path)}={_format(o.value)}" for o in overrides if o.origin[0] == "grid"
             )
             hint = f" (in the combination {combo}; an 'exclude' rule can skip it)" if combo else ""
             return Problem(problem.file, problem.line, problem.column, problem.field, problem.reason + hint)
     return problem_from_error(source, err, ("base",))
+
+
+_SOFT_TOP_K = (
+    "top_k has no effect with router 'soft' (each Soft MoE slot is a weighted mix of all tokens: no "
+    "token picks k experts); remove it here, or pair it with a token-choice or expert_choice router"
+)
+
+
+def _note_top_k(
+    config: TrialConfig,
+    overrides: list[_Override],
+    written: dict[str, Any],
+    used: dict[tuple[PathKey, ...], bool],
+) -> None:
+    """Record where this MoE trial's top_k was written and whether its router uses it.
+
+    A top_k that only ever reaches Soft MoE trials is a mistake in the study (a grid over it
+    would only make duplicates); one that also reaches another router is fine: Soft MoE ignores it.
+    So is one in ``base`` next to another router: a default that the cases override.
+    """
+    if config.model.is_dense:
+        return
+    path = ("model", "moe", "top_k")
+    where = next((o.origin for o in reversed(overrides) if o.path == path), None)
+    if where is None:
+        if _get(written, path) is None or _get(written, ("model", "moe", "router")) != "soft":
+            return  # the default, or a default for other routers
+        where = ("base", *path)
+    used[where] = used.get(where, False) or config.model.moe.router != "soft"
 
 
 def _expert_sharding_error(config: TrialConfig, workers: int) -> dict[str, Any] | None:

@@ -30,6 +30,8 @@ from ray.tune.stopper import CombinedStopper, Stopper
 
 from orchestrator.expand import Trial
 from orchestrator.lineage import InitSource, train_run_name
+from orchestrator.outbox import JOURNAL_FILE
+from orchestrator.redact import redact
 from orchestrator.spec import ResourcesSpec, StopSpec, StudySpec
 from orchestrator.tags import TAG_INIT_CHECKPOINT, TAG_INIT_TRIAL
 from orchestrator.tracking import MLflowTracking, StudyStore
@@ -37,6 +39,7 @@ from orchestrator.trial import (
     LOCAL_TRAIN_ENV_DEFAULTS,
     TRAIN_ENV_DEFAULTS,
     TRIAL_DRIVER_CPUS,
+    Watchdog,
     run_trial,
     trial_trainable,
 )
@@ -44,6 +47,10 @@ from orchestrator.trial import (
 _STRICT_METRICS_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 _TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# How long the end of a study waits for an unreachable MLflow before it leaves the writes in the
+# journal for the next run; shorter after an interrupt, where the user is waiting to get out.
+PENDING_TRACKING_WAIT_S = 120.0
+INTERRUPTED_TRACKING_WAIT_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +65,12 @@ class StudyOutcome:
     stopped: list[str] = field(default_factory=list)  # finished, but stopped early (scheduler / stop rule)
     failed: dict[str, str] = field(default_factory=dict)  # hash → error text
     incomplete: list[str] = field(default_factory=list)
+    pending_writes: int = 0  # MLflow writes still waiting for the tracking server, in ``journal``
+    journal: Path | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.incomplete and not self.previously_failed
+        return not self.failed and not self.incomplete and not self.previously_failed and not self.pending_writes
 
 
 class ResourceError(RuntimeError):
@@ -70,6 +79,10 @@ class ResourceError(RuntimeError):
 
 class ClusterError(RuntimeError):
     """The Ray cluster named by ``address`` cannot be joined."""
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot take the study's writes, so no trial is started."""
 
 
 class StopRule(Stopper):
@@ -170,18 +183,31 @@ class LaunchInfo:
     dashboard_url: str | None
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """The study was stopped by a signal (``signum``) after its running trials were stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Interrupt(Stopper):
-    """Ctrl-C as a Tune stopper.
+    """Ctrl-C (SIGINT) and SIGTERM as a Tune stopper.
 
     Tune's own SIGINT handler ends the experiment but returns normally, so a caller cannot tell
-    an interrupted study from a finished one. This one, installed in its place for the time of
-    ``fit()``, makes Tune stop every trial the same graceful way as at the end of an experiment
-    (each trial's Train run is aborted, its checkpoints kept) and lets ``run_study`` raise
-    ``KeyboardInterrupt`` afterwards. A second Ctrl-C interrupts at once.
+    an interrupted study from a finished one; SIGTERM (a scheduler ending the job, ``kill``)
+    would end the driver at once and leave its trials RUNNING. This stopper, installed as the
+    handler of both for the time of ``fit()``, makes Tune stop every trial the same graceful way
+    as at the end of an experiment (each trial's Train run is aborted, its checkpoints kept) and
+    lets ``run_study`` raise :class:`StudyInterrupted` afterwards. A second signal interrupts at
+    once.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, on_request: Callable[[], None] | None = None) -> None:
         self.requested = threading.Event()
+        self.signum = signal.SIGINT
         self.on_request = on_request
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
@@ -197,25 +223,27 @@ class Interrupt(Stopper):
         self.__init__()  # type: ignore[misc]
 
     @contextlib.contextmanager
-    def catching_sigint(self) -> Iterator[None]:
+    def catching_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be set from the main thread
             return
 
         def handler(signum: int, frame: Any) -> None:
             if self.requested.is_set():
-                raise KeyboardInterrupt
+                raise StudyInterrupted(signum)
+            self.signum = signum
             self.requested.set()
             if self.on_request is not None:
                 self.on_request()
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in self.SIGNALS}
         tune_handler = os.environ.get(_TUNE_SIGINT_ENV)
         os.environ[_TUNE_SIGINT_ENV] = "1"
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, before in previous.items():
+                signal.signal(signum, before)
             _restore_env(_TUNE_SIGINT_ENV, tune_handler)
 
 
@@ -232,13 +260,19 @@ def run_study(
     on_event: Callable[[str, Trial, dict[str, Any]], None] | None = None,
     on_start: Callable[[LaunchInfo], None] | None = None,
     on_interrupt: Callable[[], None] | None = None,
+    on_outage: Callable[[str | None], None] | None = None,
 ) -> StudyOutcome:
     """Run every trial not yet FINISHED in MLflow (FAILED ones only with ``retry_failed``).
 
     ``inits``: the start checkpoints of fine-tuning / linear-probe trials (from
     :func:`orchestrator.lineage.resolve_inits`), by trial hash. ``on_event``: each trial's
     start, epochs and end; ``on_start``: what runs where, once the study is about to start;
-    ``on_interrupt``: the first Ctrl-C, as it stops the trials.
+    ``on_interrupt``: the first Ctrl-C, as it stops the trials; ``on_outage``: MLflow became
+    unreachable (a message) or is back (None).
+
+    MLflow writes that could not be made (the tracking server went away) wait in a journal in
+    the study's output folder; this run writes them once MLflow is back, else the next one
+    does before anything else (``outcome.pending_writes`` says how many are left).
 
     Uses the Ray that is already initialised (tests, notebooks), else starts a local one
     (or joins ``address``) and shuts it down afterwards.
@@ -246,10 +280,25 @@ def run_study(
     Raises:
         ClusterError: the Ray cluster at ``address`` cannot be joined (nothing was started).
         ResourceError: a trial can never fit the cluster (nothing was started).
-        KeyboardInterrupt: after Ctrl-C, once every running trial was stopped and marked KILLED.
+        StudyInterrupted: after Ctrl-C or SIGTERM, once every running trial was stopped and marked
+            KILLED (a ``KeyboardInterrupt``).
     """
     outcome = StudyOutcome()
     parent = store.study_run(spec)
+    tags = {trial_hash: _init_tags(source) for trial_hash, source in (inits or {}).items()}
+    tracking = MLflowTracking(
+        store, parent, {t.hash: t for t in trials}, on_event, tags, scheduler=spec.scheduler, stop=spec.stop,
+        journal=spec.output_dir / JOURNAL_FILE, on_outage=on_outage,
+    )  # fmt: skip
+    # A previous driver's writes that waited for MLflow come first: they may end trials.
+    tracking.on_event = lambda *_: None  # not progress of this run
+    tracking.outbox.replay()
+    tracking.on_event = on_event or tracking.on_event
+    if tracking.outbox:
+        raise TrackingError(
+            f"{len(tracking.outbox)} MLflow writes of the last run still cannot be made "
+            f"(kept in {tracking.outbox.journal}); nothing was started"
+        )
     store.close_stale()
     runs = store.trial_runs()
     todo = []
@@ -270,10 +319,6 @@ def run_study(
     if owns_ray:
         dashboard_url = _init_ray(address, dashboard, verbose)
     inits = inits or {}
-    tags = {trial_hash: _init_tags(source) for trial_hash, source in inits.items()}
-    tracking = MLflowTracking(
-        store, parent, {t.hash: t for t in todo}, on_event, tags, scheduler=spec.scheduler, stop=spec.stop
-    )
     interrupt = Interrupt(on_interrupt)
     # A result without the scheduler's metric would otherwise abort the whole Tune run (its strict
     # metric check raises in the driver); ASHA skips such a result, and the tracking callback warns.
@@ -283,7 +328,11 @@ def run_study(
     try:
         cluster = ray.cluster_resources()
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        concurrency = check_fits(spec.resources, nodes)
+        try:
+            concurrency = check_fits(spec.resources, nodes)
+        except ResourceError:
+            tracking.finish_study("FAILED")  # not left RUNNING: nothing runs
+            raise
         if spec.resources.max_concurrent_trials:
             concurrency = min(concurrency, spec.resources.max_concurrent_trials)
         if on_start is not None:
@@ -306,6 +355,8 @@ def run_study(
                     resources=spec.resources.model_dump(),
                     storage=spec.train_storage,
                     max_failures=spec.max_failures,
+                    stall_timeout_s=spec.stall_timeout_s,
+                    watchdog=Watchdog.remote() if spec.stall_timeout_s else None,
                     env=TRAIN_ENV_DEFAULTS | (LOCAL_TRAIN_ENV_DEFAULTS if owns_ray and not address else {}),
                 )
             ),
@@ -329,20 +380,26 @@ def run_study(
                 verbose=1 if verbose else 0,
             ),
         )
-        with interrupt.catching_sigint():
-            tuner.fit()
+        with interrupt.catching_signals():
+            try:
+                tuner.fit()
+            except EOFError:
+                # Once every trial is done, Tune reads each failed trial's pickled error back from the
+                # storage; a full disk left that file empty. The tracking callback has the outcomes.
+                logger.warning(
+                    "sweetspot: Ray Tune could not read a trial's error back from %s", redact(spec.ray_storage)
+                )
     finally:
         # Interrupted (Ctrl-C) or crashed: trials still open are KILLED, and resume next time.
-        for trial_hash, run_id in tracking.run_ids.items():
-            if trial_hash not in tracking.outcomes:
-                store.finish(run_id, "KILLED")
+        tracking.close_open()
         if spec.scheduler is not None:
             _restore_env(_STRICT_METRICS_ENV, strict_metrics)
         if owns_ray:
             ray.shutdown()
     if interrupt.requested.is_set():
-        store.finish_study(parent, "KILLED")
-        raise KeyboardInterrupt
+        tracking.finish_study("KILLED")
+        tracking.outbox.drain(INTERRUPTED_TRACKING_WAIT_S)
+        raise StudyInterrupted(interrupt.signum)
     for trial in todo:
         state = tracking.outcomes.get(trial.hash)
         if state == "FINISHED":
@@ -353,7 +410,10 @@ def run_study(
             outcome.failed[trial.hash] = tracking.errors.get(trial.hash, "")
         else:
             outcome.incomplete.append(trial.hash)
-    store.finish_study(parent, "FINISHED" if outcome.ok else "FAILED")
+    tracking.finish_study("FINISHED" if outcome.ok else "FAILED")
+    if not tracking.outbox.drain(PENDING_TRACKING_WAIT_S):
+        outcome.pending_writes = len(tracking.outbox)
+        outcome.journal = tracking.outbox.journal
     return outcome
 
 

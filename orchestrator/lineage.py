@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.expand import Trial, expand
+from orchestrator.redact import redact
 from orchestrator.spec import StudyError, StudySpec, load_study
 from trainer.config import TrialConfig
 from trainer.loop import CHECKPOINT_FILE
@@ -90,7 +91,7 @@ def resolve_inits(trials: list[Trial]) -> dict[str, InitSource]:
             )
         if spec.remote_storage:
             raise LineageError(
-                f"{where}: its checkpoints are in {spec.ray_storage}; starting from a checkpoint in an "
+                f"{where}: its checkpoints are in {redact(spec.ray_storage)}; starting from a checkpoint in an "
                 "object store is not supported: give init_from the checkpoint folder, downloaded or on a "
                 "shared filesystem"
             )

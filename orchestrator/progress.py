@@ -24,6 +24,7 @@ from rich.progress import (
 
 from orchestrator.expand import Trial
 from orchestrator.launch import LaunchInfo
+from orchestrator.redact import redact
 from orchestrator.status import last_line
 
 _EPOCH_METRICS = {"train_loss": "loss {:.3f}", "val_top1": "top-1 {:.1f}%", "images_per_s": "{:.0f} im/s"}
@@ -60,14 +61,16 @@ class StudyProgress:
             self._progress.stop()
 
     def on_start(self, info: LaunchInfo) -> None:
-        where = "a local Ray" if info.address == "local" else f"the Ray cluster at {info.address}"
+        where = (
+            "a local Ray" if info.address == "local" else f"the Ray cluster at {escape(redact(info.address))}"
+        )
         gpus = f", {info.gpus:g} GPUs" if info.gpus else ""
         self.console.print(
             f"{len(info.trials)} trials to run on {where} ({info.cpus:g} CPUs{gpus}), "
             f"{info.concurrency} at a time"
         )
         if info.dashboard_url:
-            self.console.print(f"Ray dashboard: {info.dashboard_url}")
+            self.console.print(f"Ray dashboard: {escape(redact(info.dashboard_url))}")
         elif info.address == "local":
             self.console.print("Ray dashboard: not started (`sweetspot run --dashboard` starts it)")
         self._epochs = {t.hash: t.config.recipe.epochs for t in info.trials}
@@ -80,6 +83,12 @@ class StudyProgress:
             "[yellow]interrupted[/yellow]: stopping the running trials (their checkpoints are kept); "
             "Ctrl-C again to quit at once"
         )
+
+    def on_outage(self, message: str | None) -> None:
+        if message is None:
+            self.console.print("[green]MLflow is back[/green]: the results that waited are written")
+        else:
+            self.console.print(f"[yellow]warning[/yellow]: {escape(redact(message))}")
 
     def on_event(self, event: str, trial: Trial, details: dict[str, Any]) -> None:
         label = escape(f"{trial.name} · seed {trial.seed}")

@@ -1,9 +1,14 @@
 """Study YAML with positions, so every error names a file, a line and a field.
 
-ruamel.yaml's round-trip loader keeps the line/column of every key and item
-(and constructs only plain data: it is a safe loader). Validation errors carry
-a path (``("base", "model", "moe", "experts")``); :func:`locate` maps it back to
-the YAML node that holds the offending value.
+ruamel.yaml's round-trip loader keeps the line/column of every key and item.
+It constructs only data, never Python objects: a tag such as ``!!python/object/apply``
+is kept as a tag on a plain value, and :func:`load` refuses every tag it does not
+know (so nothing an author tags is ever silently dropped or executed). An alias
+expands to a reference, not a copy; :func:`load` refuses a document whose aliases
+expand to more than :data:`MAX_VALUES` values (a "billion laughs" bomb) and one
+nested too deeply to parse. Validation errors carry a path
+(``("base", "model", "moe", "experts")``); :func:`locate` maps it back to the YAML
+node that holds the offending value.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 PathKey = str | int
+
+# Values a study may hold once its aliases are expanded: far more than any hand-written study,
+# far fewer than an alias bomb (9 aliases of 9 aliases, 9 levels deep: 387 million strings).
+MAX_VALUES = 100_000
+_CORE_TAG = "tag:yaml.org,2002:"
 
 
 @dataclass(frozen=True)
@@ -78,10 +88,16 @@ def load(path: Path) -> Source:
         raise StudyError([Problem(str(path), line, column, "", f"YAML syntax error: {reason}")])
     except YAMLError as error:
         raise StudyError([Problem(str(path), 0, 0, "", f"YAML error: {error}")])
+    except RecursionError:
+        raise StudyError([Problem(str(path), 0, 0, "", "YAML error: nested too deeply to read")]) from None
     if not isinstance(tree, CommentedMap):
         kind = "empty" if tree is None else f"a {type(tree).__name__}"
         raise StudyError([Problem(str(path), 1, 1, "", f"a study must be a mapping of fields, got {kind}")])
-    return Source(path, tree)
+    source = Source(path, tree)
+    problem = _plain_data_problem(source)
+    if problem is not None:
+        raise StudyError([problem])
+    return source
 
 
 def to_plain(node: Any) -> Any:
@@ -90,6 +106,8 @@ def to_plain(node: Any) -> Any:
         return {str(key): to_plain(value) for key, value in node.items()}
     if isinstance(node, CommentedSeq):
         return [to_plain(item) for item in node]
+    if isinstance(node, TaggedScalar) and _tag(node) == "!!str":
+        return str(node.value)  # `!!str 5`: the only tag a scalar may carry (load refuses the others)
     if isinstance(node, bool | int | float | str) or node is None:
         # ScalarFloat/ScalarInt/etc. subclass the builtins; unwrap them so strict
         # validation and JSON see plain types.
@@ -127,3 +145,40 @@ def dotted(path: Sequence[PathKey]) -> str:
 
 def _is_scalar(node: Any) -> bool:
     return not isinstance(node, CommentedMap | CommentedSeq)
+
+
+def _plain_data_problem(source: Source) -> Problem | None:
+    """The first value that is not plain data (a tag we do not know), or the point where the
+    aliases have expanded to more than MAX_VALUES values; None when the document is plain data.
+
+    Walks the tree in document order as :func:`to_plain` will, counting every value an alias
+    repeats, and stops at the limit: the walk itself never expands a bomb.
+    """
+    count = 0
+    stack: list[tuple[Any, tuple[PathKey, ...]]] = [(source.tree, ())]
+    while stack:
+        node, path = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            reason = (
+                f"the document holds more than {MAX_VALUES:,} values once its aliases are expanded "
+                "(an alias bomb?); write the study out without aliases of aliases"
+            )
+            return source.problem(path[:1], reason)
+        tag = _tag(node)
+        if tag is not None and not (tag == "!!str" and isinstance(node, TaggedScalar)):
+            reason = f"YAML tag {tag} is not allowed: a study holds plain mappings, lists, strings, numbers"
+            return source.problem(path, reason)
+        if isinstance(node, CommentedMap):
+            stack += reversed([(value, (*path, str(key))) for key, value in node.items()])
+        elif isinstance(node, CommentedSeq):
+            stack += reversed([(item, (*path, index)) for index, item in enumerate(node)])
+    return None
+
+
+def _tag(node: Any) -> str | None:
+    """The explicit tag of a value, ``!!``-shortened (``!!python/name:os.system``), else None."""
+    tag = getattr(getattr(node, "tag", None), "value", None)
+    if not tag:
+        return None
+    return "!!" + tag.removeprefix(_CORE_TAG) if tag.startswith(_CORE_TAG) else tag

@@ -192,6 +192,10 @@ class StudySpec(_Strict):
         seeds: one trial per configuration and seed.
         max_failures: restarts a trial gets after a failure (a worker process or node lost, an
             error), each resuming from its last checkpoint; then it is FAILED.
+        stall_timeout_s: a trial whose training makes no progress for this long (no step,
+            evaluation batch or epoch: a hung collective, a stopped process, a dead file system)
+            is aborted and FAILED as stalled; ``null`` never gives up on one. Counted from the
+            first sign of life of its workers, so queueing for resources is not a stall.
         resources: workers and devices per trial, concurrency.
         scheduler: optional early stopping of trials that fall behind the others (ASHA); default
             none: every trial runs all its epochs.
@@ -212,6 +216,7 @@ class StudySpec(_Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     max_failures: int = Field(1, ge=0)
+    stall_timeout_s: float | None = Field(1800.0, gt=0)
     resources: ResourcesSpec = ResourcesSpec()
     scheduler: SchedulerSpec | None = None
     stop: StopSpec | None = None
@@ -326,7 +331,7 @@ def load_study(path: Path) -> tuple[StudySpec, Source]:
 
 def problem_from_error(source: Source, err: Any, prefix: tuple[PathKey, ...]) -> Problem:
     """A Pydantic error (one entry of ``errors()``) as a located, one-line Problem."""
-    loc = (*prefix, *err["loc"])
+    loc = (*prefix, *(key for key in err["loc"] if not _is_union_member(key)))
     kind, message = err["type"], err["msg"]
     if kind == "extra_forbidden":
         message = f"unknown field {loc[-1]!r}" + _did_you_mean(source, loc)
@@ -339,11 +344,24 @@ def problem_from_error(source: Source, err: Any, prefix: tuple[PathKey, ...]) ->
     return source.problem(loc, message)
 
 
+def _is_union_member(key: PathKey) -> bool:
+    """Pydantic names the member of a union a value failed (``placement.list[int]``); the YAML does not."""
+    return isinstance(key, str) and ("[" in key or key in ("str", "int", "float", "bool", "none"))
+
+
 def _did_you_mean(source: Source, loc: tuple[PathKey, ...]) -> str:
     model: Any = StudySpec
+    if loc[:1] in (("grid",), ("cases",)) and len(loc) > 3:
+        # Inside a grid value or a case entry: its axis names a field of the trial config.
+        try:
+            model, loc = TrialConfig, (*resolve_axis(str(loc[1] if loc[0] == "grid" else loc[2])), *loc[3:])
+        except ValueError:
+            return ""
     for key in loc[:-1]:
-        field = model.model_fields.get(key) if isinstance(key, str) else None
-        annotation = _optional_model(field.annotation) if field else None
+        if isinstance(key, int):
+            continue  # an item of a list of models (``data.ood[0]``): the model came with the list
+        field = model.model_fields.get(key)
+        annotation = _inner_model(field.annotation) if field else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
@@ -351,12 +369,15 @@ def _did_you_mean(source: Source, loc: tuple[PathKey, ...]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _optional_model(annotation: Any) -> Any:
-    """``SchedulerSpec | None`` → ``SchedulerSpec``; any other annotation unchanged."""
+def _inner_model(annotation: Any) -> Any:
+    """``SchedulerSpec | None`` → ``SchedulerSpec``, ``list[OODSet]`` → ``OODSet``; any other
+    annotation unchanged."""
     if get_origin(annotation) in (Union, UnionType):
         models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         if len(models) == 1:
             return models[0]
+    if get_origin(annotation) is list:
+        return get_args(annotation)[0]
     return annotation
 
 

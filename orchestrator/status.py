@@ -35,6 +35,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from orchestrator.expand import Trial
+from orchestrator.redact import redact
 from orchestrator.spec import StudySpec
 from orchestrator.tags import TAG_ERROR, TAG_HASH, TAG_KIND
 
@@ -304,8 +305,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def last_line(error: str) -> str:
-    """The exception line of a traceback: what a person needs to see first."""
-    return next((line.strip() for line in reversed(error.strip().splitlines()) if line.strip()), error)
+    """The exception line of a traceback: what a person needs to see first (credentials redacted)."""
+    line = next((line.strip() for line in reversed(error.strip().splitlines()) if line.strip()), error)
+    return redact(line)
 
 
 def format_duration(seconds: float | None) -> str:

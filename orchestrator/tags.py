@@ -14,3 +14,4 @@ TAG_INIT_TRIAL = "sweetspot.init_trial"
 TAG_STOPPED_EARLY = "sweetspot.stopped_early"  # "true": FINISHED before its last epoch, by design
 TAG_STOP_REASON = "sweetspot.stop_reason"
 TAG_STOP_WARNING = "sweetspot.stop_warning"
+TAG_CHECKPOINT_FALLBACK = "sweetspot.checkpoint_fallback"  # a resume skipped checkpoints that did not load

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.trainable import wrap_function
 
@@ -53,20 +54,38 @@ def train_worker(config: dict[str, Any]) -> None:
     worker(config)
 
 
+class TrialStalled(RuntimeError):
+    """The trial's training made no progress for the study's ``stall_timeout_s``."""
+
+
 def run_trial(
-    config: dict[str, Any], resources: dict[str, Any], storage: str, max_failures: int, env: dict[str, str]
+    config: dict[str, Any],
+    resources: dict[str, Any],
+    storage: str,
+    max_failures: int,
+    env: dict[str, str],
+    stall_timeout_s: float | None = None,
+    watchdog: Any = None,
 ) -> None:
     """Tune function trainable: train one trial through Ray Train.
 
     ``resources``: the study's ``ResourcesSpec`` as a dict (plain data: unpickling the model
     would import the config schema into this process). ``env``: Ray Train settings, each
-    applied unless this process's environment sets it.
+    applied unless this process's environment sets it. ``stall_timeout_s``: how long rank 0
+    may go without a heartbeat (to the study's :class:`Watchdog` actor, ``watchdog``) before
+    the Train run is aborted and the trial fails.
+
+    Raises:
+        TrialStalled: the watchdog gave up on the trial.
     """
     for key, value in env.items():
         os.environ.setdefault(key, value)
     payload = config["sweetspot"]
     link = _TrainRunLink()
     _train_run.queue = link.results
+    _train_run.stalled = None
+    trial_hash = payload["hash"]
+    watched = watchdog if stall_timeout_s else None
     gpus = resources["gpus_per_worker"]
     trainer = TorchTrainer(
         train_worker,
@@ -74,6 +93,7 @@ def run_trial(
             "trial": payload["trial"],
             "name": f"{payload['name']} s{payload['trial']['seed']}",
             "init_checkpoint": payload.get("init_checkpoint"),
+            "watchdog": watched,
         },
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ray.train.ScalingConfig(
@@ -85,21 +105,34 @@ def run_trial(
         run_config=ray.train.RunConfig(
             name=payload["train_run"],
             storage_path=storage,
-            callbacks=[link],
+            callbacks=[link, _ControllerLink(trial_hash, watched)],
             # A lost worker (or an error) restarts the worker group from the last checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
+    done = threading.Event()
+    if watched is not None:
+        ray.get(watched.forget.remote(trial_hash))  # beats of an earlier attempt at this trial
+        threading.Thread(
+            target=_watch, args=(watched, trial_hash, stall_timeout_s, done), name="stall-watchdog", daemon=True
+        ).start()
     try:
         trainer.fit()
     except Exception:
+        if _train_run.stalled:
+            raise TrialStalled(_train_run.stalled) from None
         if _train_run.stopping.is_set():
             return  # Tune stopped this trial and aborted its Train run: not an error
         raise
     finally:
+        done.set()
+        if watched is not None:
+            watched.forget.remote(trial_hash)  # and lets go of its controller's handle
         _train_run.controller = None
         _train_run.queue = None
+    if _train_run.stalled:  # aborted between its last report and its end
+        raise TrialStalled(_train_run.stalled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,45 +153,112 @@ class _TrainRunState:
     """The Train run of the trial this process (one Tune trial actor) runs."""
 
     def __init__(self) -> None:
-        self.controller: Any = None  # the Train controller's actor handle, once it has reported
+        self.controller: Any = None  # the Train controller's actor handle, once it has started
         self.queue: Any = None  # the results queue from the controller to this actor
         self.stopping = threading.Event()
+        self.stalled: str | None = None  # why the watchdog aborted the Train run
 
 
 _train_run = _TrainRunState()
 
 
 class _TrainRunLink(TuneReportCallback):
-    """``TuneReportCallback`` that also tells the trial actor where its Train controller is.
-
-    Runs in the Train controller: at its first report it hands the controller's actor handle to
-    the trial actor (Tune cannot stop a trial before it has reported).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._trial_actor = ray.get_runtime_context().current_actor
-        self._registered = False
+    """``TuneReportCallback`` whose results queue the trial actor can drain while aborting."""
 
     @property
     def results(self) -> Any:
         return self._training_actor_item_queue
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not self._registered:
-            self._registered = True
-            self._trial_actor.register_train_controller.remote(ray.get_runtime_context().current_actor)
-        super().after_report(run_context, metrics, checkpoint)
+
+class _ControllerLink(ControllerCallback):
+    """Runs in the Train controller: as it starts, hands its actor handle to the trial actor
+    (and to the study's watchdog, which the trial actor asks while it waits for a result).
+
+    A controller callback, not a user one, so that a trial can be aborted (stopped by Tune, or
+    stalled) before its first report; Ray Train runs controller callbacks from ``RunConfig``
+    for exactly such extensions.
+    """
+
+    def __init__(self, trial_hash: str, watchdog: Any) -> None:
+        self._trial_actor = ray.get_runtime_context().current_actor
+        self._trial_hash = trial_hash
+        self._watchdog = watchdog
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        controller = ray.get_runtime_context().current_actor
+        self._trial_actor.register_train_controller.remote(controller)
+        if self._watchdog is not None:
+            self._watchdog.controller.remote(self._trial_hash, controller)
+
+
+@ray.remote(num_cpus=0, max_concurrency=64)
+class Watchdog:
+    """The study's record of each running trial's last heartbeat and Train controller.
+
+    One small actor for the whole study (started by the driver), because the trial actors
+    cannot take the messages themselves: Tune keeps a function trainable's actor busy in a
+    blocking ``train()`` call until the next result, so anything sent to it waits an epoch.
+    """
+
+    def __init__(self) -> None:
+        self._beats: dict[str, tuple[float, str]] = {}
+        self._controllers: dict[str, Any] = {}
+
+    def beat(self, trial_hash: str, where: str) -> None:
+        self._beats[trial_hash] = (time.monotonic(), where)
+
+    def controller(self, trial_hash: str, controller: Any) -> None:
+        self._controllers[trial_hash] = controller
+
+    def forget(self, trial_hash: str) -> None:
+        self._beats.pop(trial_hash, None)
+        self._controllers.pop(trial_hash, None)
+
+    def last_beat(self, trial_hash: str) -> tuple[float, str] | None:
+        """Seconds since the trial's last heartbeat and where it was then; None before the first."""
+        beat = self._beats.get(trial_hash)
+        return None if beat is None else (time.monotonic() - beat[0], beat[1])
+
+    def train_controller(self, trial_hash: str) -> Any:
+        return self._controllers.get(trial_hash)
 
 
 def _register_train_controller(controller: Any) -> None:
     _train_run.controller = controller
 
 
+def _watch(watchdog: Any, trial_hash: str, timeout_s: float, done: threading.Event) -> None:
+    """Abort the Train run once rank 0's heartbeats have stopped for ``timeout_s``.
+
+    The clock starts at the first heartbeat: waiting for resources is not a stall.
+    """
+    while not done.wait(min(5.0, timeout_s / 4)):
+        try:
+            last = ray.get(watchdog.last_beat.remote(trial_hash), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):  # the driver, and the watchdog with it, is going
+            logger.warning("the stall watchdog is gone; trial %s is no longer watched", trial_hash)
+            return
+        if last is None or last[0] <= timeout_s:
+            continue
+        quiet, where = last
+        _train_run.stalled = (
+            f"stalled: no progress from the workers for {quiet:.0f} s (stall_timeout_s: {timeout_s:g}); "
+            f"last seen in {where}"
+        )
+        logger.warning("%s; aborting the Train run", _train_run.stalled)
+        controller = _train_run.controller or ray.get(watchdog.train_controller.remote(trial_hash))
+        _abort(controller, _train_run.queue)
+        return
+
+
 def _abort_train_run() -> None:
     """Abort this trial's Train run if it is still going (called from the trial actor's cleanup)."""
     _train_run.stopping.set()
-    controller, results = _train_run.controller, _train_run.queue
+    _abort(_train_run.controller, _train_run.queue)
+
+
+def _abort(controller: Any, results: Any) -> None:
+    """Have the Train controller abort its run (workers, placement group); kill it if it cannot."""
     if controller is None:
         return
     aborted = controller.abort.remote()

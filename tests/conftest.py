@@ -42,7 +42,8 @@ seeds: [0, 1]
 max_failures: 0
 resources:
   workers: 1
-  cpus_per_worker: 0.5
+  cpus_per_worker: 0.5     # 0.51 CPU a trial with its driver: 3 would fit the session's 2 CPUs ...
+  max_concurrent_trials: 2 # ... tests/test_load.py checks that 2 ran at once, never more
 output: {output}
 table:
   metrics: [val_top1, val_top5, images_per_s]
@@ -51,7 +52,8 @@ table:
 
 @dataclass(frozen=True)
 class TinyStudy:
-    """A finished real study: 5 configurations (1 dense) × 2 seeds, 1 epoch each, in MLflow."""
+    """A finished real study: 5 configurations (1 dense) × 2 seeds, 1 epoch each, 2 trials at a time,
+    in MLflow."""
 
     path: Path
     spec: Any

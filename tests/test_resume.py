@@ -1,13 +1,16 @@
-"""A study outlives its driver: Ctrl-C, then SIGKILL, then a grid that grew. Nothing trains twice.
+"""A study outlives its driver: a second driver is refused, then Ctrl-C, SIGKILL, SIGTERM to the
+whole process group, a truncated checkpoint, and a grid that grew. Nothing is lost, and only the
+epoch of the truncated checkpoint trains twice.
 
-Each ``sweetspot run`` is a real process with its own local Ray (the driver must be killable),
-on a 3-trial study that runs one trial at a time. The trainer's timeline (``SWEETSPOT_TIMELINE``)
-records every epoch every trial trained, across all three processes.
+Each ``sweetspot run`` is a real process (in its own session, as a job under a scheduler) with
+its own local Ray, on a 3-trial study that runs one trial at a time. The trainer's timeline
+(``SWEETSPOT_TIMELINE``) records every epoch every trial trained, across all the processes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from trainer.checkpoint import CHECKPOINT_FILE
 from trainer.loop import TIMELINE_ENV
 
 STUDY = """
@@ -29,7 +33,7 @@ base:
     backbone: vit_mini
     moe: {{top_k: 1, capacity_factor: 2.0}}
   data: {{train_samples: 1024}}
-  recipe: {{epochs: 4, batch_size: 64, lr: 0.003}}
+  recipe: {{epochs: 6, batch_size: 64, lr: 0.003}}
 grid:
   placement: [none, last2]    # the dense baseline collapses to one trial
   experts: {experts}
@@ -40,7 +44,7 @@ resources:
   max_concurrent_trials: 1    # one trial at a time: a deterministic order to interrupt
 output: {output}
 """
-EPOCHS = 4
+EPOCHS = 6
 TIMEOUT_S = 300
 
 
@@ -56,6 +60,7 @@ def start() -> Iterator[Callable[[Path, Path], subprocess.Popen[str]]]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group, like a batch job's
         )
         started.append(process)
         return process
@@ -91,6 +96,7 @@ class _Runs:
                 "epochs": sorted(point.step for point in history),
                 "resumes": {p.step: p.value for p in client.get_metric_history(run.info.run_id, "resumes")},
                 "hash": run.data.tags["sweetspot.trial_hash"],
+                "fallback": run.data.tags.get("sweetspot.checkpoint_fallback", ""),
             }
         return found
 
@@ -133,29 +139,48 @@ def _output(process: subprocess.Popen[str]) -> str:
     return process.communicate(timeout=60)[0] if process.stdout else ""
 
 
-def _trained_epochs(timeline: Path) -> dict[str, list[int]]:
-    """Every epoch each trial (by hash) finished training, in every process, in order."""
+def _trained_epochs(timeline: Path, between: tuple[float, float] = (0.0, math.inf)) -> dict[str, list[int]]:
+    """Every epoch each trial (by hash) finished training (at a time ``between``), in every
+    process, in order."""
     trained: dict[str, list[int]] = {}
     for line in timeline.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # the line a trainer is writing right now
-        if record["event"] == "epoch_end":
+        if record["event"] == "epoch_end" and between[0] < record["time"] < between[1]:
             trained.setdefault(record["trial"], []).append(record["epoch"])
     return trained
 
 
+def _truncate_latest_checkpoint(train_runs: Path, trial_hash: str) -> int:
+    """Cut the trial's latest checkpoint (as Ray Train's snapshot records it) in half, as a node
+    lost mid-write leaves it; its epoch."""
+    [run] = [folder for folder in train_runs.iterdir() if trial_hash.startswith(folder.name.removeprefix("trial-"))]
+    latest = json.loads((run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    state = run / latest["checkpoint_dir_name"] / CHECKPOINT_FILE
+    with state.open("r+b") as file:
+        file.truncate(state.stat().st_size // 2)
+    return int(latest["metrics"]["epoch"])
+
+
 @pytest.mark.ray
-def test_interrupted_and_killed_study_resumes_and_only_new_trials_train(
+def test_a_study_survives_its_drivers_and_only_new_trials_train(
     tmp_path: Path, start: Callable[[Path, Path], subprocess.Popen[str]]
 ) -> None:
     study, timeline, output = tmp_path / "resume.yaml", tmp_path / "timeline.jsonl", tmp_path / "out"
     study.write_text(STUDY.format(experts="[2, 4]", output=output))
     runs = _Runs(output / "mlflow.db")
 
-    # 1. Ctrl-C while the second trial trains: it is stopped cleanly and marked KILLED; exit 130.
+    # 1. While the study runs, a second `sweetspot run` of it is refused at once (no duplicate trials).
     first = start(study, timeline)
+    runs.wait_for(lambda r: any(t["status"] == "RUNNING" for t in r.values()), first)
+    second = start(study, timeline)
+    text = _output(second)
+    assert second.returncode == 2, text
+    assert "study 'resume' is already being run by `sweetspot run` pid" in text and "Traceback" not in text
+
+    # 2. Ctrl-C while the second trial trains: it is stopped cleanly and marked KILLED; exit 130.
     before_ctrl_c = runs.wait_for(
         lambda r: sum(t["status"] == "FINISHED" for t in r.values()) == 1
         and any(t["status"] == "RUNNING" and t["epochs"] for t in r.values()),
@@ -168,22 +193,37 @@ def test_interrupted_and_killed_study_resumes_and_only_new_trials_train(
     after_ctrl_c = runs.read()
     [done] = [name for name, t in after_ctrl_c.items() if t["status"] == "FINISHED"]
     [interrupted] = [name for name, t in before_ctrl_c.items() if t["status"] == "RUNNING"]
+    interrupted_hash = before_ctrl_c[interrupted]["hash"]
     assert after_ctrl_c[interrupted]["status"] == "KILLED"
     assert len(after_ctrl_c) == 2  # the third trial never started
 
-    # 2. SIGKILL the driver as soon as the interrupted trial trained an epoch from its checkpoint.
+    # 3. SIGKILL the driver as soon as the interrupted trial trained an epoch from its checkpoint.
     resumed_from = max(after_ctrl_c[interrupted]["epochs"])
-    trained_before = len(_trained_epochs(timeline)[before_ctrl_c[interrupted]["hash"]])
-    second = start(study, timeline)
-    _wait(lambda: len(_trained_epochs(timeline).get(before_ctrl_c[interrupted]["hash"], [])) > trained_before, second)
-    second.kill()
-    second.communicate(timeout=60)
-
-    # 3. A value added to the grid: one more trial. The next run finishes the study.
-    study.write_text(STUDY.format(experts="[2, 4, 8]", output=output))
+    trained_before = len(_trained_epochs(timeline)[interrupted_hash])
     third = start(study, timeline)
-    text = third.communicate(timeout=TIMEOUT_S)[0]
-    assert third.returncode == 0, text
+    _wait(lambda: len(_trained_epochs(timeline).get(interrupted_hash, [])) > trained_before, third)
+    third.kill()
+    third.communicate(timeout=60)
+
+    # 4. SIGTERM to the driver's whole process group (a batch scheduler ending the job) once the
+    # trial trained one more epoch: the driver, its Ray and the trial's worker all get it.
+    trained_before = len(_trained_epochs(timeline)[interrupted_hash])
+    fourth = start(study, timeline)
+    _wait(lambda: len(_trained_epochs(timeline).get(interrupted_hash, [])) > trained_before, fourth)
+    sigterm_at = time.time()
+    os.killpg(fourth.pid, signal.SIGTERM)
+    text = fourth.communicate(timeout=120)[0]
+    assert fourth.returncode != 0, text
+    assert "Traceback" not in text, text
+    # ... and its last checkpoint is cut short, as if the node died while writing it.
+    truncated = _truncate_latest_checkpoint(output / "ray" / "train", interrupted_hash)
+
+    # 5. A value added to the grid: one more trial. The next run finishes the study.
+    study.write_text(STUDY.format(experts="[2, 4, 8]", output=output))
+    fifth_started = time.time()
+    fifth = start(study, timeline)
+    text = fifth.communicate(timeout=TIMEOUT_S)[0]
+    assert fifth.returncode == 0, text
     assert "1 trials already FINISHED in MLflow: skipped." in text
 
     final = runs.read()
@@ -191,16 +231,23 @@ def test_interrupted_and_killed_study_resumes_and_only_new_trials_train(
     assert all(t["epochs"] == list(range(1, EPOCHS + 1)) for t in final.values())
     # The finished trial was not touched again.
     assert final[done]["end_time"] == after_ctrl_c[done]["end_time"]
-    # Every trial trained each of its epochs exactly once, over the three runs together: the
-    # interrupted one resumed from its checkpoints twice (Ctrl-C, then SIGKILL).
+    # Every trial trained each of its epochs exactly once, over all the runs together, except the
+    # epoch whose checkpoint was truncated (the resume fell back to the one before and trained it
+    # again) and one the SIGTERMed worker may have finished while its node went down (its
+    # checkpoint, which no controller recorded, is dropped).
     trained = _trained_epochs(timeline)
     every_epoch = list(range(1, EPOCHS + 1))
-    assert {name: sorted(trained[t["hash"]]) for name, t in final.items()} == {name: every_epoch for name in final}
+    expected = {name: every_epoch for name in final}
+    late = _trained_epochs(timeline, between=(sigterm_at, fifth_started)).get(interrupted_hash, [])
+    assert len(late) <= 1, late  # the worker stops at its next step once its node is gone
+    expected[interrupted] = sorted([*every_epoch, truncated, *(epoch for epoch in late if epoch != truncated)])
+    assert {name: sorted(trained[t["hash"]]) for name, t in final.items()} == expected
+    assert "checkpoint_" in final[interrupted]["fallback"] and "state.pt" in final[interrupted]["fallback"]
     # Its MLflow history says so too: epochs up to the first interrupt from the first start, the
     # last one after a restart from a checkpoint (the count of restarts is in the checkpoints,
     # so a start killed before it saved one is not counted).
     resumes = final[interrupted]["resumes"]
     assert all(resumes[epoch] == 0 for epoch in range(1, resumed_from + 1))
-    assert resumes[EPOCHS] >= 1
+    assert resumes[EPOCHS] >= 2
     new = [name for name in final if name not in after_ctrl_c]
     assert all(set(final[name]["resumes"].values()) == {0} for name in new)

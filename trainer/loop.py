@@ -7,12 +7,14 @@ group, when there is one, is already initialised by whoever launched us.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer import recipe as recipes
 from trainer.analysis import analyze_routing, save_routing
+from trainer.checkpoint import CHECKPOINT_FILE, FALLBACK_KEY, load_newest
 from trainer.config import TrialConfig
 from trainer.data import OODEval, input_spec, load_datasets, load_ood_sets, restrict_logits
+from trainer.heartbeat import Heartbeat
 from trainer.live_metrics import LiveMetrics, expert_shares
 from trainer.models import MoEModel, build_model
 from trainer.models.accounting import time_inference
@@ -35,7 +39,6 @@ from trainer.moe import parallel
 from trainer.moe.layer import resolve_backend
 from trainer.report import RayTrainReporter, Reporter
 
-CHECKPOINT_FILE = "state.pt"
 ROUTING_FILE = "routing.npz"
 _EVAL_BATCH = 256
 # A file to append this rank's timeline to (training starts, its first step, each epoch's end,
@@ -51,7 +54,7 @@ def worker(config: dict[str, Any]) -> None:
     resolved by the orchestrator from ``recipe.init_from``.
     """
     init = config.get("init_checkpoint")
-    reporter = RayTrainReporter(trial_name=config.get("name", ""))
+    reporter = RayTrainReporter(trial_name=config.get("name", ""), watchdog=config.get("watchdog"))
     train(TrialConfig.model_validate(config["trial"]), reporter, Path(init) if init else None)
 
 
@@ -95,6 +98,8 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
     """
     env = _Dist.current()
     _mark("train_start", env, trial)
+    beat = reporter.heartbeat(trial, send=env.rank == 0)
+    beat("start", 0)
     recipe = trial.recipe
     if recipe.batch_size % env.world:
         raise ValueError(f"batch_size {recipe.batch_size} is not divisible by {env.world} workers")
@@ -119,6 +124,7 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
 
     expert_group = env.expert_group(trial)
     model = build_model(trial.model, spec, device=env.device, expert_group=expert_group)
+    beat("start", 0)
     if recipe.mode != "train":
         _start_from(model, trial, init_checkpoint, reporter, expert_group)
     optimizer = recipes.build_optimizer(model, recipe, _expert_parameters(model))
@@ -147,12 +153,13 @@ def train(trial: TrialConfig, reporter: Reporter, init_checkpoint: Path | None =
         env,
         expert_group,
         reporter.live_metrics(trial) if env.rank == 0 else None,
+        beat,
     )
     _mark("first_step", env, trial)
     for epoch in range(start_epoch, recipe.epochs):
         sampler.set_epoch(epoch)
         train_metrics = step.epoch(train_loader, epoch)
-        val_metrics = evaluate(model, val_loader, env)
+        val_metrics = evaluate(model, val_loader, env, beat=functools.partial(beat, "evaluation", epoch))
         metrics = {
             "epoch": epoch + 1,
             "epochs_total": recipe.epochs,
@@ -187,7 +194,14 @@ def _mark(event: str, env: _Dist, trial: TrialConfig, **details: Any) -> None:
     """Append ``event`` with the wall-clock time to the timeline file, when one is asked for."""
     path = os.environ.get(TIMELINE_ENV)
     if path:
-        record = {"event": event, "time": time.time(), "trial": trial.trial_hash, "rank": env.rank, **details}
+        record = {
+            "event": event,
+            "time": time.time(),
+            "trial": trial.trial_hash,
+            "rank": env.rank,
+            "pid": os.getpid(),
+            **details,
+        }
         with open(path, "a") as timeline:
             timeline.write(json.dumps(record) + "\n")
 
@@ -289,6 +303,7 @@ class _Step:
     env: _Dist
     expert_group: dist.ProcessGroup | None
     live: LiveMetrics | None = None  # rank 0 under Ray: gauges updated during the epoch
+    beat: Heartbeat = field(default_factory=Heartbeat)  # rank 0 under Ray: the stall watchdog's
 
     def epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
         env, model = self.env, self.model
@@ -300,6 +315,7 @@ class _Step:
         images = 0
         started = time.perf_counter()
         for step, (inputs, targets) in enumerate(loader):
+            self.beat("training", epoch, step)
             inputs, targets = (
                 inputs.to(env.device, non_blocking=True),
                 targets.to(env.device, non_blocking=True),
@@ -353,14 +369,23 @@ class _Step:
 
 
 @torch.no_grad()
-def evaluate(model: MoEModel, loader: DataLoader, env: _Dist, ood: OODEval | None = None) -> dict[str, float]:
+def evaluate(
+    model: MoEModel,
+    loader: DataLoader,
+    env: _Dist,
+    ood: OODEval | None = None,
+    beat: Callable[[int], None] | None = None,
+) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and loss over the whole split, summed across ranks.
 
-    For an OOD set, logits are first restricted to the classes it contains.
+    For an OOD set, logits are first restricted to the classes it contains. ``beat(batch)``
+    is called before each batch (the stall watchdog's heartbeat).
     """
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
-    for inputs, targets, real in loader:
+    for batch, (inputs, targets, real) in enumerate(loader):
+        if beat is not None:
+            beat(batch)
         inputs, targets, real = inputs.to(env.device), targets.to(env.device), real.to(env.device)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
             logits = model(inputs).float()
@@ -442,11 +467,23 @@ def _restore(
     scheduler: Any,
     expert_group: dist.ProcessGroup | None,
 ) -> tuple[int, dict[str, Any] | None, int]:
-    """Load the latest checkpoint, if any: (first epoch still to train, its epoch's metrics, resumes)."""
-    with reporter.latest_checkpoint() as folder:
-        if folder is None:
-            return 0, None, 0
-        state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    """Load the newest checkpoint that loads, if any: (first epoch still to train, its epoch's
+    metrics, resumes).
+
+    Every rank loads the same one: rank 0's list of checkpoints, and only one that every rank
+    could read (:func:`trainer.checkpoint.load_newest`). When newer checkpoints were skipped,
+    the metrics say so under ``checkpoint_fallback`` (the trial's MLflow run gets a tag).
+    """
+    env = _Dist.current()
+    candidates = reporter.checkpoints() if env.rank == 0 else []
+    if env.world > 1:
+        shared = [candidates]
+        dist.broadcast_object_list(shared, src=0)
+        candidates = shared[0]
+    resumed = load_newest(candidates, lambda ok: env.all_sum([0.0 if ok else 1.0])[0] == 0)
+    state = resumed.state
+    if state is None:
+        return 0, None, 0
     parallel.load_full_model_state(model, state["model"], expert_group)
     parallel.load_full_optimizer_state(optimizer, state["optimizer"], expert_group)
     scheduler.load_state_dict(state["scheduler"])
@@ -454,4 +491,7 @@ def _restore(
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     # "metrics" and "resumes" are absent in checkpoints before 0.1.0.
-    return int(state["epoch"]) + 1, state.get("metrics"), int(state.get("resumes", 0)) + 1
+    metrics = state.get("metrics")
+    if metrics is not None and resumed.fallback:
+        metrics = {**metrics, FALLBACK_KEY: resumed.fallback}
+    return int(state["epoch"]) + 1, metrics, int(state.get("resumes", 0)) + 1
