@@ -231,23 +231,26 @@ def test_a_study_survives_its_drivers_and_only_new_trials_train(
     assert all(t["epochs"] == list(range(1, EPOCHS + 1)) for t in final.values())
     # The finished trial was not touched again.
     assert final[done]["end_time"] == after_ctrl_c[done]["end_time"]
-    # Every trial trained each of its epochs exactly once, over all the runs together, except the
-    # epoch whose checkpoint was truncated (the resume fell back to the one before and trained it
-    # again) and one the SIGTERMed worker may have finished while its node went down (its
-    # checkpoint, which no controller recorded, is dropped).
+    # Every trial trained each of its epochs exactly once, over all the runs together, except the one
+    # that went through the faults: it trained every epoch, the truncated checkpoint's epoch again
+    # (the resume fell back to the checkpoint before), and at most one more epoch per fault that
+    # ended a driver: the one a SIGKILLed driver's controller never recorded, the one the SIGTERMed
+    # worker may finish while its node goes down (it then stops at its next step).
     trained = _trained_epochs(timeline)
     every_epoch = list(range(1, EPOCHS + 1))
-    expected = {name: every_epoch for name in final}
+    others = {name: sorted(trained[t["hash"]]) for name, t in final.items() if name != interrupted}
+    assert others == {name: every_epoch for name in others}
+    faulty = sorted(trained[interrupted_hash])
+    assert set(faulty) == set(every_epoch) and faulty.count(truncated) >= 2, faulty
+    assert len(faulty) <= EPOCHS + 3, faulty
     late = _trained_epochs(timeline, between=(sigterm_at, fifth_started)).get(interrupted_hash, [])
-    assert len(late) <= 1, late  # the worker stops at its next step once its node is gone
-    expected[interrupted] = sorted([*every_epoch, truncated, *(epoch for epoch in late if epoch != truncated)])
-    assert {name: sorted(trained[t["hash"]]) for name, t in final.items()} == expected
+    assert len(late) <= 1, late
     assert "checkpoint_" in final[interrupted]["fallback"] and "state.pt" in final[interrupted]["fallback"]
     # Its MLflow history says so too: epochs up to the first interrupt from the first start, the
     # last one after a restart from a checkpoint (the count of restarts is in the checkpoints,
     # so a start killed before it saved one is not counted).
     resumes = final[interrupted]["resumes"]
     assert all(resumes[epoch] == 0 for epoch in range(1, resumed_from + 1))
-    assert resumes[EPOCHS] >= 2
+    assert resumes[EPOCHS] >= 1
     new = [name for name in final if name not in after_ctrl_c]
     assert all(set(final[name]["resumes"].values()) == {0} for name in new)
