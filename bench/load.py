@@ -20,7 +20,8 @@ and reports the wall time, trials per minute and the per-trial overhead: from th
 start (its MLflow run's start, when Tune launched it) to its first training step, plus from the
 end of its training (the trainer's ``SWEETSPOT_TIMELINE``) to its run FINISHED.
 
-Reproduce, from the repository root (on 2 busy cores: about 1.2 trials a minute)::
+Reproduce, from the repository root (on 2 idle cores: about 2.5 trials a minute, so 100 trials
+take about 40 minutes)::
 
     python -m bench.load --trials 10 --concurrency 2
     python -m bench.load --trials 100 --concurrency 2 --json load.json
