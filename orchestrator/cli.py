@@ -335,12 +335,24 @@ def run(
     out.print(f"MLflow: {_mlflow_hint(study, uri, store.experiment_id)}", markup=False)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     started = time.monotonic()
+
+    def interrupted(signum: int) -> None:
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        err.print(f"{what}: unfinished trials are marked KILLED; `sweetspot run {study}` resumes them.")
+
     try:
         with StudyProgress(out, spec.name) as progress:
+
+            def ray_lost(signum: int) -> None:
+                progress.close()  # the process exits without unwinding
+                err.print("the local Ray went down with the signal: not waiting for the trials to stop")
+                interrupted(signum)
+
             outcome = run_study(
                 spec, trials, store, address=address, dashboard=dashboard, verbose=verbose,
                 retry_failed=retry_failed, inits=inits, on_event=progress.on_event,
                 on_start=progress.on_start, on_interrupt=progress.on_interrupt, on_outage=progress.on_outage,
+                on_ray_lost=ray_lost,
             )  # fmt: skip
     except ResourceError as error:
         _refuse(study, [load(study).problem(("resources",), str(error))])
@@ -351,8 +363,7 @@ def run(
     except KeyboardInterrupt as error:
         # 128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM.
         signum = error.signum if isinstance(error, StudyInterrupted) else signal.SIGINT
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        err.print(f"{what}: unfinished trials are marked KILLED; `sweetspot run {study}` resumes them.")
+        interrupted(signum)
         raise typer.Exit(128 + signum) from None
     elapsed = time.monotonic() - started
     if outcome.skipped:

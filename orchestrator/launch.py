@@ -17,7 +17,9 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,9 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 # journal for the next run; shorter after an interrupt, where the user is waiting to get out.
 PENDING_TRACKING_WAIT_S = 120.0
 INTERRUPTED_TRACKING_WAIT_S = 10.0
+# How long after a signal the driver watches whether its local Ray went down with it.
+RAY_LOSS_WATCH_S = 10.0
+RAY_PING_TIMEOUT_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +266,7 @@ def run_study(
     on_start: Callable[[LaunchInfo], None] | None = None,
     on_interrupt: Callable[[], None] | None = None,
     on_outage: Callable[[str | None], None] | None = None,
+    on_ray_lost: Callable[[int], None] | None = None,
 ) -> StudyOutcome:
     """Run every trial not yet FINISHED in MLflow (FAILED ones only with ``retry_failed``).
 
@@ -268,7 +274,13 @@ def run_study(
     :func:`orchestrator.lineage.resolve_inits`), by trial hash. ``on_event``: each trial's
     start, epochs and end; ``on_start``: what runs where, once the study is about to start;
     ``on_interrupt``: the first Ctrl-C, as it stops the trials; ``on_outage``: MLflow became
-    unreachable (a message) or is back (None).
+    unreachable (a message) or is back (None); ``on_ray_lost``: see below.
+
+    A signal to the whole process group (a batch scheduler ending the job) also stops the local
+    Ray this driver started, and Ray's client would then hang for a minute before aborting the
+    process. So once the local Ray's GCS or raylet is gone after a signal, the unfinished trials are
+    marked KILLED (their checkpoints are on disk), ``on_ray_lost(signum)`` is called, and the
+    process exits at once with ``128 + signum``.
 
     MLflow writes that could not be made (the tracking server went away) wait in a journal in
     the study's output folder; this run writes them once MLflow is back, else the next one
@@ -319,7 +331,17 @@ def run_study(
     if owns_ray:
         dashboard_url = _init_ray(address, dashboard, verbose)
     inits = inits or {}
-    interrupt = Interrupt(on_interrupt)
+    on_request = on_interrupt
+    if owns_ray and not address:
+
+        def on_request() -> None:
+            if on_interrupt is not None:
+                on_interrupt()
+            threading.Thread(
+                target=_exit_if_ray_is_lost, args=(tracking, interrupt.signum, on_ray_lost), name="ray-loss", daemon=True
+            ).start()
+
+    interrupt = Interrupt(on_request)
     # A result without the scheduler's metric would otherwise abort the whole Tune run (its strict
     # metric check raises in the driver); ASHA skips such a result, and the tracking callback warns.
     strict_metrics = os.environ.get(_STRICT_METRICS_ENV)
@@ -415,6 +437,42 @@ def run_study(
         outcome.pending_writes = len(tracking.outbox)
         outcome.journal = tracking.outbox.journal
     return outcome
+
+
+def _local_ray_lost() -> bool:
+    """Whether the local Ray this process started no longer answers: its GCS or raylet exited,
+    or its GCS (which may linger after a SIGTERM) does not answer within a second."""
+    # Private Ray API (the node's processes, the driver's GCS client); where it is not there (another
+    # Ray version), the driver stops the graceful way.
+    worker = ray._private.worker
+    try:
+        if any(kind in ("gcs_server", "raylet") for kind, _ in worker._global_node.dead_processes()):
+            return True
+        gcs = worker.global_worker.gcs_client
+    except AttributeError:
+        return False
+    try:
+        gcs.internal_kv_get(b"sweetspot-ping", b"sweetspot", timeout=RAY_PING_TIMEOUT_S)
+    except ray.exceptions.RayError:  # RpcError: deadline exceeded, unavailable
+        return True
+    return False
+
+
+def _exit_if_ray_is_lost(tracking: MLflowTracking, signum: int, on_ray_lost: Callable[[int], None] | None) -> None:
+    deadline = time.monotonic() + RAY_LOSS_WATCH_S
+    misses = 0
+    while time.monotonic() < deadline:
+        misses = misses + 1 if _local_ray_lost() else 0
+        if misses >= 2:
+            tracking.close_open()
+            tracking.finish_study("KILLED")
+            tracking.outbox.drain(INTERRUPTED_TRACKING_WAIT_S)
+            if on_ray_lost is not None:
+                on_ray_lost(signum)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        time.sleep(0.25)
 
 
 def _init_ray(address: str | None, dashboard: bool, verbose: bool) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,44 +71,48 @@ class Outbox:
         self.down_since: float | None = None
         self._failures = 0
         self._next_try = 0.0
+        # The driver's Tune loop writes; so may its signal watcher, when Ray went down with it.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self.pending)
 
     def put(self, event: Event) -> None:
         """Write ``event`` now if MLflow takes it, else keep it (after any already waiting)."""
-        self.pending.append(event)
-        if len(self.pending) > 1:
-            self._append_to_journal(event)
-        self.flush()
+        with self._lock:
+            self.pending.append(event)
+            if len(self.pending) > 1:
+                self._append_to_journal(event)
+            self.flush()
 
     def flush(self, force: bool = False) -> bool:
         """Write what is pending, unless the next retry is not due (``force``: try anyway);
         True when nothing is left."""
-        if not self.pending:
-            return True
-        if self.down_since is not None and not force and time.monotonic() < self._next_try:
-            return False
-        written = 0
-        while self.pending:
-            try:
-                self.apply(self.pending[0])
-            except Exception as error:
-                if not unreachable(error):
-                    raise
-                self._note_failure(error)
-                if written or not self.journal.is_file():
-                    self._rewrite_journal()
+        with self._lock:
+            if not self.pending:
+                return True
+            if self.down_since is not None and not force and time.monotonic() < self._next_try:
                 return False
-            self.pending.popleft()
-            written += 1
-        self.journal.unlink(missing_ok=True)
-        if self.down_since is not None:
-            logger.info("MLflow is back after %.0f s", time.monotonic() - self.down_since)
-            self.down_since = None
-            self._failures = 0
-            self.on_outage(None)
-        return True
+            written = 0
+            while self.pending:
+                try:
+                    self.apply(self.pending[0])
+                except Exception as error:
+                    if not unreachable(error):
+                        raise
+                    self._note_failure(error)
+                    if written or not self.journal.is_file():
+                        self._rewrite_journal()
+                    return False
+                self.pending.popleft()
+                written += 1
+            self.journal.unlink(missing_ok=True)
+            if self.down_since is not None:
+                logger.info("MLflow is back after %.0f s", time.monotonic() - self.down_since)
+                self.down_since = None
+                self._failures = 0
+                self.on_outage(None)
+            return True
 
     def drain(self, timeout_s: float) -> bool:
         """Keep trying to write everything pending for up to ``timeout_s``; True when done."""

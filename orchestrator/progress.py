@@ -57,6 +57,10 @@ class StudyProgress:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live display (it gives the terminal its cursor back)."""
         if self._task is not None:
             self._progress.stop()
 

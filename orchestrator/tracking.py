@@ -314,7 +314,7 @@ class MLflowTracking(tune.Callback):
 
     def close_open(self) -> None:
         """Mark the trials that started but did not end (an interrupt, a crash) KILLED."""
-        for trial_hash in self.started:
+        for trial_hash in list(self.started):
             if trial_hash not in self.outcomes:
                 self.outbox.put({"kind": "end", "trial": trial_hash, "status": "KILLED"})
 
