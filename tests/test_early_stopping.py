@@ -307,9 +307,8 @@ base:
   recipe: {{epochs: {epochs}, batch_size: 64}}
 grid:
   epochs: [1, {epochs}]
-seeds: [0, 1]
-# Deterministic: every {epochs}-epoch trial is stopped after its first epoch (its first result);
-# the 1-epoch trials reach the threshold on their last epoch, which is not early. ASHA is
+# Deterministic: the {epochs}-epoch trial is stopped after its first epoch (its first result);
+# the 1-epoch trial reaches the threshold on its last epoch, which is not early. ASHA is
 # configured (so Tune runs with a scheduler) but could only act at the last epoch.
 scheduler: {{kind: asha, metric: val_top1, mode: max, grace_period: {epochs}, reduction_factor: 2}}
 stop: {{metric: epoch, mode: max, threshold: 1}}
@@ -369,7 +368,7 @@ def test_stopped_trials_are_finished_with_reason_skipped_next_time_and_leak_no_a
     local_ray: None, tmp_path: Path
 ) -> None:
     spec, trials = _study(tmp_path, STUDY.format(epochs=EPOCHS, output=tmp_path / "out"))
-    assert len(trials) == 4
+    assert len(trials) == 2
     store = StudyStore.open(spec)
 
     outcome = run_study(spec, trials, store)
