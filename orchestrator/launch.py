@@ -278,7 +278,7 @@ def run_study(
 
     A signal to the whole process group (a batch scheduler ending the job) also stops the local
     Ray this driver started, and Ray's client would then hang for a minute before aborting the
-    process. So once the local Ray's GCS or raylet is gone after a signal, the unfinished trials are
+    process. So once the local Ray stops answering after a signal, the unfinished trials are
     marked KILLED (their checkpoints are on disk), ``on_ray_lost(signum)`` is called, and the
     process exits at once with ``128 + signum``.
 
@@ -331,12 +331,10 @@ def run_study(
     if owns_ray:
         dashboard_url = _init_ray(address, dashboard, verbose)
     inits = inits or {}
-    on_request = on_interrupt
-    if owns_ray and not address:
-
-        def on_request() -> None:
-            if on_interrupt is not None:
-                on_interrupt()
+    def on_request() -> None:
+        if on_interrupt is not None:
+            on_interrupt()
+        if owns_ray and not address:  # a cluster outlives this driver's process group
             threading.Thread(
                 target=_exit_if_ray_is_lost, args=(tracking, interrupt.signum, on_ray_lost), name="ray-loss", daemon=True
             ).start()
